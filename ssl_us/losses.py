@@ -107,3 +107,50 @@ def byol(p_a, p_b, z_a, z_b, *, axis_name=None):
   cos_ab = jnp.sum(l2_normalize(p_a) * l2_normalize(z_b), axis=-1)
   cos_ba = jnp.sum(l2_normalize(p_b) * l2_normalize(z_a), axis=-1)
   return _global_mean(4.0 - 2.0 * cos_ab - 2.0 * cos_ba, axis_name)
+
+
+def _view_labels(labels, n, axis_name):
+  """Per-example labels (n,) -> (local anchors (2n,), global keys (2N,)) in view order."""
+  labels = jnp.asarray(labels)
+  if labels.shape != (n,) or not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be an integer array of shape ({n},) like z_a's rows, got "
+                     f"{labels.dtype}{labels.shape}")
+  glob = labels if axis_name is None else jax.lax.all_gather(labels, axis_name, tiled=True)
+  return jnp.concatenate([labels, labels]), jnp.concatenate([glob, glob])
+
+
+def awcl_positive_mask(pl: PairLogits, anchor_labels, key_labels):
+  """Positive set A(i) of every local anchor as a (2n, 2N) bool mask.
+
+  A(i) = {partner j(i)} U {k != i : label_i >= 0 and label_k == label_i}. Negative labels mean
+  "no anatomy label" and match nothing, so an unlabeled anchor's only positive is its partner.
+  """
+  cols = jnp.arange(2 * pl.n_global)[None, :]
+  same = (anchor_labels[:, None] >= 0) & (anchor_labels[:, None] == key_labels[None, :])
+  partner = cols == pl.pos_idx[:, None]
+  return (same | partner) & (cols != pl.self_idx[:, None])
+
+
+def awcl(z_a, z_b, labels, *, temperature, axis_name=None):
+  """Anatomy-aware contrastive loss (paper 002 Eq. 3), mean over all 2N anchors.
+
+  l_i = -1/|A(i)| sum_{a in A(i)} log( exp(sim(z_i, z_a)/t) / sum_{k != i} exp(sim(z_i, z_k)/t) )
+  with A(i) from ``awcl_positive_mask``: Eq. 2 (supervised-contrastive form) for a labeled
+  anchor, Eq. 1 (NT-Xent with its partner) for an unlabeled one. ``labels`` (n,) int holds one
+  anatomy class per example of this device, -1 for none; both views share it.
+  """
+  return awcl_and_metrics(z_a, z_b, labels, temperature=temperature, axis_name=axis_name)[0]
+
+
+def awcl_and_metrics(z_a, z_b, labels, *, temperature, axis_name=None):
+  """AWCL loss plus contrastive accuracy/entropy and the mean |A(i)| (global means)."""
+  pl = pair_logits(z_a, z_b, temperature=temperature, axis_name=axis_name)
+  anchor_labels, key_labels = _view_labels(labels, z_a.shape[0], axis_name)
+  pos = awcl_positive_mask(pl, anchor_labels, key_labels)
+  log_den = jax.nn.logsumexp(pl.logits, axis=-1)
+  log_prob = pl.logits - log_den[:, None]
+  num_pos = jnp.sum(pos, axis=-1)
+  per_anchor = -jnp.sum(jnp.where(pos, log_prob, 0.0), axis=-1) / num_pos
+  metrics = _contrastive_metrics(pl, log_den, axis_name)
+  metrics["awcl_num_positives"] = _global_mean(num_pos.astype(jnp.float32), axis_name)
+  return _global_mean(per_anchor, axis_name), metrics
