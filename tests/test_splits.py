@@ -1,0 +1,99 @@
+"""Patient-grouped splits never leak; label fractions are exact, stratified and nested."""
+import numpy as np
+import pytest
+
+from ssl_us.eval import splits
+
+
+def _records(n_pos=13, n_neg=17, seed=0):
+  """Patients with 1-6 records each; the patient's label is its records' label."""
+  rng = np.random.default_rng(seed)
+  groups, labels = [], []
+  for p in range(n_pos + n_neg):
+    n = rng.integers(1, 7)
+    groups += [f"p{p}"] * n
+    labels += [int(p < n_pos)] * n
+  return np.array(groups), np.array(labels)
+
+
+def test_patient_label_is_majority():
+  pats, lab = splits.patient_labels(["a", "a", "a", "b"], [2, 1, 2, 0])
+  np.testing.assert_array_equal(pats, ["a", "b"])
+  np.testing.assert_array_equal(lab, [2, 0])
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_group_kfold_partitions_patients_without_leak(k):
+  groups, labels = _records()
+  folds = splits.group_kfold(groups, labels, k, seed=1)
+  assert len(folds) == k
+  seen = []
+  for tr, te in folds:
+    assert np.intersect1d(tr, te).size == 0
+    assert tr.size + te.size == groups.size
+    assert not set(groups[tr]) & set(groups[te])
+    seen.append(te)
+  all_test = np.sort(np.concatenate(seen))
+  np.testing.assert_array_equal(all_test, np.arange(groups.size))   # each record tested once
+  # Stratified: per class, patients per test fold differ by at most one.
+  for c, n_c in ((1, 13), (0, 17)):
+    counts = [np.unique(groups[te][labels[te] == c]).size for _, te in folds]
+    assert sum(counts) == n_c and max(counts) - min(counts) <= 1
+
+
+def test_group_kfold_depends_on_seed_only():
+  groups, labels = _records()
+  a = splits.group_kfold(groups, labels, 5, seed=3)
+  b = splits.group_kfold(groups, labels, 5, seed=3)
+  c = splits.group_kfold(groups, labels, 5, seed=4)
+  assert all(np.array_equal(x[1], y[1]) for x, y in zip(a, b))
+  assert not all(np.array_equal(x[1], y[1]) for x, y in zip(a, c))
+
+
+def test_group_split_is_disjoint_and_covers_everything():
+  groups, labels = _records(n_pos=20, n_neg=20)
+  out = splits.group_split(groups, labels, {"train": .8, "val": .1, "test": .1}, seed=0)
+  names = list(out)
+  for i, a in enumerate(names):
+    for b in names[i + 1:]:
+      assert not set(groups[out[a]]) & set(groups[out[b]])
+  assert sum(v.size for v in out.values()) == groups.size
+  # 20 buckets of 2 patients each: 16 / 2 / 2 buckets -> 32 / 4 / 4 patients.
+  assert [np.unique(groups[out[n]]).size for n in names] == [32, 4, 4]
+  with pytest.raises(ValueError, match="sum to 1"):
+    splits.group_split(groups, labels, {"train": .8, "test": .1})
+
+
+# round(f * n_c) patients per class (halves up, at least one) of 13 positive, 17 negative:
+# 0.05 -> (0.65, 0.85) -> (1, 1); 0.1 -> (1.3, 1.7) -> (1, 2); 0.3 -> (3.9, 5.1) -> (4, 5);
+# 0.5 -> (6.5, 8.5) -> (7, 9); 1.0 -> (13, 17).
+@pytest.mark.parametrize("fraction,expect", [(.05, (1, 1)), (.1, (1, 2)), (.3, (4, 5)),
+                                             (.5, (7, 9)), (1.0, (13, 17))])
+def test_label_fraction_exact_stratified_by_patient(fraction, expect):
+  groups, labels = _records()
+  sub = splits.label_fraction(np.arange(groups.size), groups, labels, fraction, seed=0)
+  n_pos = np.unique(groups[sub][labels[sub] == 1]).size
+  n_neg = np.unique(groups[sub][labels[sub] == 0]).size
+  assert (n_pos, n_neg) == expect
+  # Whole patients only: every record of a chosen patient is in.
+  chosen = np.isin(groups, groups[sub])
+  np.testing.assert_array_equal(np.flatnonzero(chosen), np.sort(sub))
+
+
+def test_label_fractions_nested_and_inside_training_indices():
+  groups, labels = _records()
+  tr, _ = splits.group_kfold(groups, labels, 5, seed=0)[0]
+  prev = set()
+  for f in (.05, .1, .3, .5, 1.0):
+    sub = splits.label_fraction(tr, groups, labels, f, seed=2)
+    assert set(sub) <= set(tr)
+    assert prev <= set(sub)
+    prev = set(sub)
+  assert prev == set(tr)
+
+
+def test_unlabelled_records_are_an_error():
+  with pytest.raises(ValueError, match="no label"):
+    splits.group_kfold(["a", "b", "c"], [0, -1, 1], 2)
+  with pytest.raises(ValueError, match="cannot split 2 patients"):
+    splits.group_kfold(["a", "b"], [0, 1], 3)
