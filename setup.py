@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "einops>=0.8,<0.9",
     "ml-collections>=1.0,<1.2",
     "clu>=0.0.12,<0.1",
+    "tensorboard>=2.18,<3",  # clu's TensorBoard writer imports it
     "av>=13,<17",
     "pydicom>=3.0,<3.1",
     "pylibjpeg>=2.0,<3",

@@ -1,0 +1,31 @@
+"""Defaults shared by every pretraining config; each paper's config overrides what it states."""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.method = "simclr"
+  c.seed = 0
+  c.num_devices = 0                 # 0 = all devices
+  c.data = ml_collections.ConfigDict(dict(dir="", split="train", num_workers=2))
+  c.image_size = (64, 64)           # network input (H, W); shards may be larger
+  c.batch_size = 128                # global batch (all devices and hosts)
+  c.num_steps = 1000                # or set num_epochs > 0 to derive it from the data
+  c.num_epochs = 0
+  c.model = ml_collections.ConfigDict(dict(
+      encoder="resnet18", encoder_kwargs=ml_collections.ConfigDict(), head_hidden=(512,),
+      head_out=128, head_bn_last=False, dtype="float32"))
+  c.loss = ml_collections.ConfigDict(dict(temperature=0.5))
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adam", base_lr=1e-3, lr_scaling="none", lr_base_batch=256, warmup_steps=0,
+      end_lr_factor=0.0, weight_decay=0.0, b1=0.9, b2=0.999, momentum=0.9))
+  c.aug = ml_collections.ConfigDict(dict(
+      crop_prob=1.0, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_prob=0.5,
+      affine_prob=0.0, rotate_deg=0.0, scale=0.0, translate=0.0, color_prob=0.8,
+      brightness=0.4, contrast=0.4, noise_prob=0.0, noise_std=0.0, erase_prob=0.0,
+      erase_area=(0.02, 0.1), erase_ratio=(0.3, 3.3), mean=0.5, std=0.25))
+  c.log_every = 50
+  c.ckpt_every = 1000
+  c.keep_checkpoints = 3
+  c.progress_bar = True
+  return c

@@ -1,0 +1,371 @@
+"""Input: grain over data_prep's TFRecord shards, with pluggable samplers.
+
+Layout of the pipeline (one per process):
+
+  RecordIndex (where every record of a split is, plus its video/patient/labels)
+    -> epoch plans from a Sampler: (num_examples, k) record ids per epoch, in sampling order,
+       every block of ``global_batch`` rows one global batch
+    -> this process's contiguous slice of every global batch (disjoint across processes)
+    -> grain MapDataset.random_map(read the k records, decode PNG, sampler.assemble)
+    -> batch(per-process batch) -> mp_prefetch (PNG decode in worker processes)
+
+The iterator's state (a position in the infinite sequence of epoch plans) is checkpointed with
+the model through orbax (grain.checkpoint). Records are read at their byte offset, so the plan
+can shuffle globally across shards; the index is built once by scanning the shards and cached
+next to them (or kept in memory when the dataset directory is read-only).
+
+Batches are dicts of numpy arrays; images stay uint8 (augmentation runs on device).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import struct
+from typing import Any, Protocol
+
+import grain
+import numpy as np
+from PIL import Image
+
+from data_prep import schema
+
+_HEADER = 12  # uint64 length + uint32 masked crc of the length
+_SHARD_RE = re.compile(r"-(?P<split>[^-/]+)\.tfrecord-(?P<i>\d{5})-of-(?P<n>\d{5})$")
+
+
+class DatasetError(ValueError):
+  """A dataset directory or shard that cannot be used; the message names the path."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Index over the records of one split.
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordIndex:
+  """Where each record of one split is and what it holds (one row per record)."""
+  dataset_dir: str
+  split: str
+  files: tuple[str, ...]
+  file_id: np.ndarray          # int32 (R,)
+  offset: np.ndarray           # int64 (R,) start of the serialized Example
+  length: np.ndarray           # int64 (R,)
+  video: np.ndarray            # int32 (R,) index into video_ids
+  video_ids: tuple[str, ...]
+  patient: np.ndarray          # int32 (R,) index into patients
+  patients: tuple[str, ...]
+  frame_index: np.ndarray      # int64 (R,) first frame of the record
+  num_frames: np.ndarray       # int32 (R,) frames in the record (1, or clip_len)
+  label: np.ndarray            # int64 (R,) -1 = none
+  anatomy_coarse: np.ndarray   # int64 (R,) first frame's, -1 = none
+  anatomy_fine: np.ndarray     # int64 (R,)
+  metadata: dict
+
+  @property
+  def num_records(self) -> int:
+    return int(self.offset.shape[0])
+
+  @property
+  def num_videos(self) -> int:
+    return len(self.video_ids)
+
+
+def shard_files(dataset_dir: str, split: str) -> list[str]:
+  """The split's shards, checked complete: a dataset_info.json and every -of-N shard present."""
+  if not os.path.isdir(dataset_dir):
+    raise DatasetError(f"{dataset_dir}: not a directory")
+  if not os.path.exists(os.path.join(dataset_dir, "dataset_info.json")):
+    raise DatasetError(f"{dataset_dir}: no dataset_info.json: not a data_prep dataset, or its "
+                       "build did not finish (re-run data_prep with the same arguments)")
+  files = sorted(glob.glob(os.path.join(glob.escape(dataset_dir), f"*-{split}.tfrecord-*")))
+  files = [f for f in files if _SHARD_RE.search(f)]
+  if not files:
+    present = sorted({m.group("split") for f in os.listdir(dataset_dir)
+                      if (m := _SHARD_RE.search(f))})
+    raise DatasetError(f"{dataset_dir}: no shards for split {split!r}; splits present: {present}")
+  n = int(_SHARD_RE.search(files[0]).group("n"))
+  got = sorted(int(_SHARD_RE.search(f).group("i")) for f in files)
+  if got != list(range(n)):
+    raise DatasetError(f"{dataset_dir}: split {split!r} expects {n} shards, found {got}")
+  return files
+
+
+def _scan_offsets(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """Record offsets and lengths of one TFRecord file, reading only the headers."""
+  offsets, lengths = [], []
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    pos = 0
+    while pos < size:
+      head = f.read(_HEADER)
+      if len(head) != _HEADER:
+        raise DatasetError(f"{path}: truncated record header at byte {pos}")
+      (n,) = struct.unpack("<Q", head[:8])
+      end = pos + _HEADER + n + 4
+      if end > size:
+        raise DatasetError(f"{path}: truncated record at byte {pos} (needs {end}, file {size})")
+      offsets.append(pos + _HEADER)
+      lengths.append(n)
+      f.seek(end)
+      pos = end
+  return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
+
+
+def _example_cls():
+  from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
+  return example_pb2.Example
+
+
+def parse_example(data: bytes, *, decode: bool = True, where: str = "") -> dict[str, Any]:
+  """A serialized record -> dict of numpy values per data_prep.schema ('frames' decoded)."""
+  try:
+    feats = _example_cls().FromString(data).features.feature
+  except Exception as e:  # protobuf DecodeError
+    raise DatasetError(f"{where}: not a tf.train.Example ({e})") from e
+  missing = [k for k in schema.ALL_KEYS if k not in feats]
+  if missing:
+    raise DatasetError(f"{where}: record lacks keys {missing}")
+  out: dict[str, Any] = {}
+  for k in schema.INT_LIST_KEYS:
+    out[k] = np.asarray(feats[k].int64_list.value, np.int64)
+  for k in schema.FLOAT_LIST_KEYS:
+    out[k] = np.asarray(feats[k].float_list.value, np.float32)
+  for k in schema.INT_KEYS:
+    out[k] = np.int64(feats[k].int64_list.value[0])
+  for k in schema.FLOAT_KEYS:
+    out[k] = np.float32(feats[k].float_list.value[0])
+  for k in schema.BYTES_KEYS:
+    out[k] = feats[k].bytes_list.value[0].decode("utf-8")
+  pngs = list(feats[schema.FRAMES].bytes_list.value)
+  out["frames"] = np.stack([decode_png(b) for b in pngs]) if decode else pngs
+  return out
+
+
+def decode_png(data: bytes) -> np.ndarray:
+  """PNG bytes -> uint8 (H, W, 1)."""
+  img = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+  return img[..., None]
+
+
+def _cache_key(files) -> str:
+  h = hashlib.sha256()
+  for f in files:
+    st = os.stat(f)
+    h.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns};".encode())
+  return h.hexdigest()
+
+
+_INDEX_ARRAYS = ("file_id", "offset", "length", "video", "patient", "frame_index", "num_frames",
+                 "label", "anatomy_coarse", "anatomy_fine")
+
+
+def load_index(dataset_dir: str, split: str, *, cache: bool = True) -> RecordIndex:
+  """Index of one split; cached as <dataset_dir>/.index/<split>.npz keyed by shard sizes."""
+  files = shard_files(dataset_dir, split)
+  metadata = {}
+  meta_path = os.path.join(dataset_dir, "metadata.json")
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      metadata = json.load(f)
+  key = _cache_key(files)
+  cache_path = os.path.join(dataset_dir, ".index", f"{split}.npz")
+  if cache and os.path.exists(cache_path):
+    with np.load(cache_path, allow_pickle=False) as z:
+      if str(z["key"]) == key:
+        return RecordIndex(
+            dataset_dir=dataset_dir, split=split, files=tuple(files),
+            video_ids=tuple(z["video_ids"].tolist()), patients=tuple(z["patients"].tolist()),
+            metadata=metadata, **{k: z[k] for k in _INDEX_ARRAYS})
+  cols = {k: [] for k in _INDEX_ARRAYS}
+  videos: dict[str, int] = {}
+  patients: dict[str, int] = {}
+  for fid, path in enumerate(files):
+    offsets, lengths = _scan_offsets(path)
+    with open(path, "rb") as f:
+      for off, n in zip(offsets, lengths):
+        f.seek(off)
+        rec = parse_example(f.read(n), decode=False, where=f"{path}@{off}")
+        cols["file_id"].append(fid)
+        cols["offset"].append(off)
+        cols["length"].append(n)
+        cols["video"].append(videos.setdefault(rec["video_id"], len(videos)))
+        cols["patient"].append(patients.setdefault(rec["patient"], len(patients)))
+        cols["frame_index"].append(rec["frame_indices"][0])
+        cols["num_frames"].append(len(rec["frames"]))
+        cols["label"].append(rec["label"])
+        cols["anatomy_coarse"].append(rec["anatomy_coarse"][0])
+        cols["anatomy_fine"].append(rec["anatomy_fine"][0])
+  dtypes = dict(file_id=np.int32, video=np.int32, patient=np.int32, num_frames=np.int32)
+  arrays = {k: np.asarray(v, dtypes.get(k, np.int64)) for k, v in cols.items()}
+  index = RecordIndex(dataset_dir=dataset_dir, split=split, files=tuple(files),
+                      video_ids=tuple(videos), patients=tuple(patients), metadata=metadata,
+                      **arrays)
+  if cache:
+    _write_cache(cache_path, key, index)
+  return index
+
+
+def _write_cache(path, key, index: RecordIndex):
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, key=np.asarray(key), video_ids=np.asarray(index.video_ids, dtype=str),
+             patients=np.asarray(index.patients, dtype=str),
+             **{k: getattr(index, k) for k in _INDEX_ARRAYS})
+    os.replace(tmp, path)
+  except OSError:
+    pass  # read-only dataset directory: the index simply stays in memory
+
+
+class RecordReader:
+  """Random access to the records of an index; file handles opened lazily per process."""
+
+  def __init__(self, index: RecordIndex):
+    self.index = index
+    self._handles: dict[int, Any] = {}
+
+  def __getstate__(self):
+    return {"index": self.index}
+
+  def __setstate__(self, state):
+    self.__init__(state["index"])
+
+  def read(self, i: int) -> dict[str, Any]:
+    ix = self.index
+    fid = int(ix.file_id[i])
+    f = self._handles.get(fid)
+    if f is None:
+      f = self._handles[fid] = open(ix.files[fid], "rb")
+    f.seek(int(ix.offset[i]))
+    data = f.read(int(ix.length[i]))
+    return parse_example(data, where=f"{ix.files[fid]}@{int(ix.offset[i])}")
+
+
+def read_record(index: RecordIndex, i: int) -> dict[str, Any]:
+  """One record, parsed and decoded ('frames' uint8 (T, H, W, 1)). Opens the file each time."""
+  return RecordReader(index).read(i)
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers.
+
+
+class Sampler(Protocol):
+  records_per_example: int
+
+  def plan(self, index: RecordIndex, rng: np.random.Generator, global_batch: int) -> np.ndarray:
+    """(num_examples, records_per_example) record ids for one epoch, in sampling order."""
+
+  def assemble(self, records: list[dict], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Fixed-shape uint8 host example from the parsed records."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameSampler:
+  """SimCLR (paper 000): every frame record once per epoch, shuffled; two views made on device.
+
+  Needs frame-mode shards (one frame per record). The example holds the frame and its labels.
+  """
+  records_per_example: int = 1
+
+  def plan(self, index, rng, global_batch):
+    if index.num_records and int(index.num_frames.max()) != 1:
+      raise DatasetError(f"{index.dataset_dir}: FrameSampler needs frame-mode shards "
+                         f"(one frame per record); these hold clips of {index.num_frames.max()}")
+    return rng.permutation(index.num_records)[:, None]
+
+  def assemble(self, records, rng):
+    (r,) = records
+    return {"image": r["frames"][0], "label": np.int32(r["label"]),
+            "anatomy_coarse": np.int32(r["anatomy_coarse"][0]),
+            "anatomy_fine": np.int32(r["anatomy_fine"][0])}
+
+
+# ----------------------------------------------------------------------------------------------
+# The grain pipeline.
+
+
+class _PlanSource:
+  """Random access over this process's rows of the infinite sequence of epoch plans.
+
+  Row j of epoch e: this process's p-th contiguous chunk of each global batch of the epoch's
+  plan. Plans are deterministic in (seed, epoch), so any position can be recomputed on resume.
+  """
+
+  def __init__(self, index, sampler, *, seed, global_batch, process_index, process_count,
+               num_epochs=None):
+    if global_batch % process_count:
+      raise ValueError(f"global batch {global_batch} not divisible by {process_count} processes")
+    self.index, self.sampler, self.seed = index, sampler, seed
+    self.global_batch, self.p, self.np = global_batch, process_index, process_count
+    self.local_batch = global_batch // process_count
+    first = self._epoch_rows(0)
+    self.rows_per_epoch = first.shape[0]
+    if self.rows_per_epoch == 0:
+      raise DatasetError(
+          f"{index.dataset_dir} split {index.split!r}: {index.num_records} records give no "
+          f"full global batch of {global_batch} with {type(sampler).__name__}")
+    self._cache = (0, first)
+    self.num_epochs = num_epochs
+
+  def _epoch_rows(self, epoch):
+    rng = np.random.default_rng([self.seed, epoch])
+    plan = np.asarray(self.sampler.plan(self.index, rng, self.global_batch), np.int64)
+    if plan.ndim != 2 or plan.shape[1] != self.sampler.records_per_example:
+      raise ValueError(f"{type(self.sampler).__name__}.plan returned shape {plan.shape}")
+    nb = plan.shape[0] // self.global_batch
+    plan = plan[: nb * self.global_batch].reshape(nb, self.global_batch, -1)
+    chunk = plan[:, self.p * self.local_batch:(self.p + 1) * self.local_batch]
+    return chunk.reshape(nb * self.local_batch, -1)
+
+  def __len__(self):
+    epochs = self.num_epochs if self.num_epochs is not None else 1_000_000
+    return epochs * self.rows_per_epoch
+
+  def __getitem__(self, j):
+    epoch, row = divmod(int(j), self.rows_per_epoch)
+    if self._cache[0] != epoch:
+      rows = self._epoch_rows(epoch)
+      if rows.shape[0] != self.rows_per_epoch:
+        raise DatasetError(f"{type(self.sampler).__name__} planned {rows.shape[0]} rows in "
+                           f"epoch {epoch}, {self.rows_per_epoch} in epoch 0; must be constant")
+      self._cache = (epoch, rows)
+    return self._cache[1][row]
+
+
+class _ReadAndAssemble(grain.transforms.RandomMap):
+
+  def __init__(self, index, sampler):
+    self.reader = RecordReader(index)
+    self.sampler = sampler
+
+  def random_map(self, element, rng):
+    return self.sampler.assemble([self.reader.read(int(i)) for i in element], rng)
+
+
+def make_dataset(index: RecordIndex, sampler: Sampler, *, global_batch: int, seed: int,
+                 process_index: int = 0, process_count: int = 1, num_workers: int = 0,
+                 num_epochs: int | None = None) -> grain.IterDataset:
+  """Batches of ``global_batch // process_count`` examples for this process."""
+  src = _PlanSource(index, sampler, seed=seed, global_batch=global_batch,
+                    process_index=process_index, process_count=process_count,
+                    num_epochs=num_epochs)
+  ds = grain.MapDataset.source(src)
+  ds = ds.random_map(_ReadAndAssemble(index, sampler), seed=seed * 1_000_003 + process_index)
+  ds = ds.batch(src.local_batch, drop_remainder=True)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  if num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                     per_worker_buffer_size=2))
+  return ds
+
+
+def steps_per_epoch(index: RecordIndex, sampler: Sampler, global_batch: int, seed: int) -> int:
+  src = _PlanSource(index, sampler, seed=seed, global_batch=global_batch, process_index=0,
+                    process_count=1)
+  return src.rows_per_epoch // global_batch

@@ -1,0 +1,83 @@
+"""SimCLR (papers 000 and 001's alternative): two augmented views of each example, NT-Xent.
+
+Both views go through the network in one forward pass (2n examples per device), so BatchNorm
+statistics are computed over both views of the global batch, as in SimCLR's global BN.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ssl_us import augment, losses, models
+from ssl_us.input_pipeline import FrameSampler
+
+
+def dtype_of(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def build_model(config, axis_name) -> models.ContrastiveModel:
+  m = config.model
+  dtype = dtype_of(m.dtype)
+  encoder = models.make_encoder(m.encoder, dtype=dtype, axis_name=axis_name,
+                                **dict(m.encoder_kwargs))
+  head = models.MLPHead(hidden=tuple(m.head_hidden), out_dim=m.head_out, dtype=dtype,
+                        axis_name=axis_name, bn_last=m.get("head_bn_last", False))
+  return models.ContrastiveModel(encoder=encoder, head=head)
+
+
+class SimCLR:
+  """Views from ``batch[view_key]`` (uint8 images (n, H, W, C) or clips (n, T, H, W, C))."""
+  view_key = "image"
+
+  def __init__(self, config, axis_name=None):
+    self.config = config
+    self.axis_name = axis_name
+    self.model = build_model(config, axis_name)
+    self.aug = augment.AugmentConfig.from_config(config.aug, out_size=config.image_size)
+    self.temperature = float(config.loss.temperature)
+    self.sampler = self.make_sampler(config)
+
+  def make_sampler(self, config):
+    del config
+    return FrameSampler()
+
+  def eval_view(self, x):
+    return augment.center_view(x, self.aug)
+
+  def init(self, rng, batch):
+    x = self.eval_view(jnp.asarray(batch[self.view_key][:2]))
+    k_param, k_drop = jax.random.split(rng)
+    variables = self.model.init({"params": k_param, "dropout": k_drop}, x, train=False)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+  def views(self, batch, rng):
+    k_a, k_b = jax.random.split(rng)
+    x = batch[self.view_key]
+    return augment.augment_batch(k_a, x, self.aug), augment.augment_batch(k_b, x, self.aug)
+
+  def forward(self, params, variables, x, rng):
+    """Train-mode forward pass; returns (outputs, updated batch_stats)."""
+    out, state = self.model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                  x, train=True, mutable=["batch_stats"],
+                                  rngs={"dropout": rng})
+    return out, state["batch_stats"]
+
+  def loss(self, params, variables, batch, rng):
+    k_views, k_drop = jax.random.split(rng)
+    v_a, v_b = self.views(batch, k_views)
+    out, batch_stats = self.forward(params, variables, jnp.concatenate([v_a, v_b]), k_drop)
+    z_a, z_b = jnp.split(out["z"], 2)
+    loss, metrics = losses.nt_xent_and_metrics(z_a, z_b, temperature=self.temperature,
+                                               axis_name=self.axis_name)
+    return loss, ({"batch_stats": batch_stats}, metrics)
+
+  def after_update(self, variables, params, step):
+    del params, step
+    return variables
+
+  def encoder(self, variables):
+    """The encoder alone, for feature extraction (single device, no axis_name)."""
+    module = build_model(self.config, None).encoder
+    return module, {"params": variables["params"]["encoder"],
+                    "batch_stats": variables["batch_stats"].get("encoder", {})}

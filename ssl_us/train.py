@@ -1,0 +1,323 @@
+"""Pretraining loop: mesh, input, model, state, step, checkpoint, loop.
+
+One jitted step, ``jax.shard_map`` over the mesh's data axis: each device augments its slice of
+the global batch with its own keys, runs the method's loss with global BatchNorm and
+cross-device terms, and applies the (already global, see below) gradient. The same code runs on
+one device, on fake CPU devices and on a multi-host pod (jax.distributed).
+
+Gradients: parameters are replicated (P()) inputs of the shard_map; the losses return values
+that are identical on every device (pmean of the local terms), so ``jax.grad`` inside the
+shard_map yields the gradient of the global loss on every device (the transpose of the implicit
+broadcast of replicated parameters is a psum). No explicit gradient all-reduce is needed, and
+tests check the result against one device on the global batch.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from ssl_us import checkpoint as ckpt_lib
+from ssl_us import input_pipeline, parallel
+from ssl_us.methods import make_method
+
+# ----------------------------------------------------------------------------------------------
+# Config checks (before anything compiles).
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1):
+  """Clear errors for configs that cannot run; called before any compilation."""
+  b = config.batch_size
+  if not isinstance(b, int) or b <= 0:
+    raise ValueError(f"config.batch_size must be a positive int, got {b!r}")
+  if b % num_devices:
+    raise ValueError(f"config.batch_size={b} does not divide over {num_devices} devices "
+                     f"(use a multiple of {num_devices})")
+  if b % num_processes:
+    raise ValueError(f"config.batch_size={b} does not divide over {num_processes} processes")
+  if "loss" in config and "temperature" in config.loss and not config.loss.temperature > 0:
+    raise ValueError(f"config.loss.temperature must be > 0, got {config.loss.temperature}")
+  if config.optim.name not in ("adam", "adamw", "lars", "sgd"):
+    raise ValueError(f"config.optim.name={config.optim.name!r}; use adam, adamw, lars or sgd")
+  if config.optim.lr_scaling not in ("none", "linear", "sqrt"):
+    raise ValueError(f"config.optim.lr_scaling={config.optim.lr_scaling!r}; "
+                     "use none, linear or sqrt")
+  if config.model.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"config.model.dtype={config.model.dtype!r}; use float32 or bfloat16")
+  if config.num_steps <= 0 and config.get("num_epochs", 0) <= 0:
+    raise ValueError(f"set config.num_steps > 0 or config.num_epochs > 0 "
+                     f"(got {config.num_steps} and {config.get('num_epochs')})")
+  if not config.data.dir:
+    raise ValueError("config.data.dir is empty: pass --config.data.dir=<data_prep dataset dir>")
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and schedule (pure functions of the config).
+
+
+def learning_rate(config, global_batch: int) -> float:
+  """base_lr scaled with the global batch: linear (lr * B/256), sqrt (lr * sqrt(B/256)), none."""
+  o = config.optim
+  scale = {"none": 1.0, "linear": global_batch / o.lr_base_batch,
+           "sqrt": math.sqrt(global_batch / o.lr_base_batch)}[o.lr_scaling]
+  return o.base_lr * scale
+
+
+def make_schedule(config, global_batch: int) -> optax.Schedule:
+  """Linear warmup from 0 then cosine decay to ``end_lr_factor`` * peak over num_steps."""
+  peak = learning_rate(config, global_batch)
+  o = config.optim
+  warmup = min(o.warmup_steps, max(config.num_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if warmup else peak, peak_value=peak, warmup_steps=warmup,
+      decay_steps=config.num_steps, end_value=peak * o.end_lr_factor)
+
+
+def decay_mask(params):
+  """True for weights that get weight decay / LARS trust ratio: not biases, not norm params."""
+  def keep(path, x):
+    names = [getattr(k, "key", str(k)) for k in path]
+    is_norm = any("bn" in n.lower() or "norm" in n.lower() for n in names[:-1])
+    return x.ndim > 1 and not is_norm and names[-1] not in ("bias", "scale")
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(config, schedule) -> optax.GradientTransformation:
+  """adam: L2 in the gradient (Keras-style, paper 000); adamw: decoupled; lars: SimCLR-style.
+
+  Biases and normalization parameters are excluded from weight decay and from LARS's trust
+  ratio.
+  """
+  o = config.optim
+  wd = o.weight_decay
+  if o.name == "adam":
+    return optax.chain(optax.add_decayed_weights(wd, mask=decay_mask),
+                       optax.adam(schedule, b1=o.b1, b2=o.b2))
+  if o.name == "adamw":
+    return optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=wd, mask=decay_mask)
+  if o.name == "lars":
+    return optax.lars(schedule, weight_decay=wd, weight_decay_mask=decay_mask,
+                      trust_ratio_mask=decay_mask, momentum=o.momentum)
+  return optax.chain(optax.add_decayed_weights(wd, mask=decay_mask),
+                     optax.sgd(schedule, momentum=o.momentum))
+
+
+# ----------------------------------------------------------------------------------------------
+# State.
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  variables: Any     # non-parameter collections and extras (batch_stats, BYOL target, ...)
+  rng: jax.Array     # raw uint32 key data, so orbax can save it
+
+
+def create_state(method, tx, rng, sample_batch) -> TrainState:
+  k_init, k_train = jax.random.split(rng)
+  variables = dict(method.init(k_init, sample_batch))
+  params = variables.pop("params")
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    variables=variables, rng=jax.random.key_data(k_train))
+
+
+# ----------------------------------------------------------------------------------------------
+# Step.
+
+
+def train_step(state: TrainState, batch, *, method, tx, schedule, axis_name=parallel.DATA):
+  """One optimizer step, per device (inside shard_map over ``axis_name``)."""
+  rng = jax.random.wrap_key_data(state.rng)
+  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(axis_name))
+  (loss, (new_vars, metrics)), grads = jax.value_and_grad(method.loss, has_aux=True)(
+      state.params, state.variables, batch, rng)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  variables = method.after_update({**state.variables, **new_vars}, params, state.step)
+  metrics = dict(metrics, loss=loss, learning_rate=schedule(state.step),
+                 grad_norm=optax.global_norm(grads))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            variables=variables)
+  return new_state, metrics
+
+
+def make_train_step(method, tx, schedule, mesh):
+  """The jitted, shard_mapped step; the state is donated."""
+  step = functools.partial(train_step, method=method, tx=tx, schedule=schedule)
+  mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(parallel.DATA)),
+                         out_specs=(P(), P()))
+  return jax.jit(mapped, donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything a run needs, built once from the config.
+
+
+@flax.struct.dataclass
+class Setup:
+  config: Any = flax.struct.field(pytree_node=False)
+  mesh: Any = flax.struct.field(pytree_node=False)
+  method: Any = flax.struct.field(pytree_node=False)
+  tx: Any = flax.struct.field(pytree_node=False)
+  schedule: Any = flax.struct.field(pytree_node=False)
+  index: Any = flax.struct.field(pytree_node=False)
+
+
+def build(config, mesh=None) -> Setup:
+  """Checks the config, then builds mesh, index, method and optimizer; derives num_steps."""
+  mesh = mesh or parallel.make_mesh(config.get("num_devices") or None)
+  validate_config(config, mesh.size, jax.process_count())
+  method = make_method(config, axis_name=parallel.DATA)
+  index = input_pipeline.load_index(config.data.dir, config.data.split)
+  if config.get("num_epochs", 0) > 0:
+    per_epoch = input_pipeline.steps_per_epoch(index, method.sampler, config.batch_size,
+                                               config.seed)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.num_steps = config.num_epochs * per_epoch
+  schedule = make_schedule(config, config.batch_size)
+  tx = make_optimizer(config, schedule)
+  return Setup(config=config, mesh=mesh, method=method, tx=tx, schedule=schedule, index=index)
+
+
+def make_input(setup: Setup, config):
+  return input_pipeline.make_dataset(
+      setup.index, setup.method.sampler, global_batch=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_workers=config.data.num_workers)
+
+
+def init_state(setup: Setup, config, sample_batch) -> TrainState:
+  """Replicated initial state (identical on all hosts: same seed)."""
+  rng = jax.random.key(config.seed)
+  create = functools.partial(create_state, setup.method, setup.tx)
+  state = jax.jit(create)(rng, sample_batch)
+  return parallel.replicate(state, setup.mesh)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loop.
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
+                       max_steps: int | None = None, log_fn=None) -> dict:
+  """Pretrain to config.num_steps (or stop early at ``max_steps``); resumes from the workdir.
+
+  Returns the host-side history: {'step': [...], 'loss': [...], ...} at each logging step.
+  """
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  setup = build(config, mesh)
+  config = setup.config
+  os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.save_config(workdir, config)
+
+  # Input.
+  ds = make_input(setup, config)
+  data_iter = iter(ds)
+
+  # State: fresh, or restored with the input iterator from the latest checkpoint.
+  sample = next(iter(input_pipeline.make_dataset(
+      setup.index, setup.method.sampler, global_batch=config.batch_size, seed=config.seed,
+      process_index=0, process_count=jax.process_count(), num_workers=0)))
+  ckpt_lib.save_batch_spec(workdir, sample)
+  state = init_state(setup, config, sample)
+  manager = ckpt_lib.make_manager(workdir, config)
+  state, restored_step = ckpt_lib.restore_latest(manager, state, data_iter)
+  start = int(restored_step or 0)
+
+  step_fn = make_train_step(setup.method, setup.tx, setup.schedule, setup.mesh)
+  writer = metric_writers.create_default_writer(
+      os.path.join(workdir, "logs"), just_logging=jax.process_index() > 0, asynchronous=True)
+  if start == 0:
+    writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
+
+  end = config.num_steps if max_steps is None else min(config.num_steps, max_steps)
+  history: dict[str, list] = {}
+  views_per_example = 2
+  progress = _Progress(start, end, config.log_every, config.batch_size * views_per_example,
+                       enabled=jax.process_index() == 0 and config.get("progress_bar", True))
+  pending, count = None, 0  # metric sums stay on device between logging steps
+  for step in range(start, end):
+    batch = parallel.shard_host_batch(next(data_iter), setup.mesh)
+    state, metrics = step_fn(state, batch)
+    pending = metrics if pending is None else jax.tree.map(jnp.add, pending, metrics)
+    count += 1
+    last = step + 1
+    if last % config.log_every == 0 or last == end:
+      host = {k: float(v) / count for k, v in jax.device_get(pending).items()}
+      pending, count = None, 0
+      host.update(progress.rates(last))
+      writer.write_scalars(last, host)
+      for k, v in host.items():
+        history.setdefault(k, []).append(v)
+      history.setdefault("step", []).append(last)
+      progress.log(last, host, log_fn)
+    if last % config.ckpt_every == 0 or last == end:
+      ckpt_lib.save(manager, last, state, data_iter)
+  manager.wait_until_finished()
+  writer.flush()
+  progress.close()
+  history["final_step"] = end
+  return history
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+class _Progress:
+  """Console progress bar and views/s, ETA; only reads host time."""
+
+  def __init__(self, start, end, log_every, views_per_step, enabled):
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    self.start, self.end, self.views = start, end, views_per_step
+    self.t0, self.s0 = time.time(), start
+    self.bar = tqdm(total=end, initial=start, unit="step", disable=not enabled,
+                    dynamic_ncols=True)
+    self.enabled = enabled
+
+  def rates(self, step):
+    dt = max(time.time() - self.t0, 1e-9)
+    steps = step - self.s0
+    self.t0, self.s0 = time.time(), step
+    sps = steps / dt
+    return {"steps_per_sec": sps, "views_per_sec": sps * self.views,
+            "eta_min": (self.end - step) / max(sps, 1e-9) / 60}
+
+  def log(self, step, host, log_fn):
+    self.bar.update(step - self.bar.n)
+    msg = (f"step {step}/{self.end} loss {host['loss']:.4f} "
+           f"acc {host.get('contrastive_acc', float('nan')):.3f} "
+           f"lr {host['learning_rate']:.2e} {host['views_per_sec']:.1f} views/s "
+           f"eta {host['eta_min']:.1f} min")
+    self.bar.set_postfix_str(f"loss {host['loss']:.4f}")
+    if log_fn is not None:
+      log_fn(msg)
+    elif self.enabled:
+      self.bar.write(msg)
+
+  def close(self):
+    self.bar.close()
+
+
+def summary_json(history) -> str:
+  return json.dumps({k: (v[-1] if isinstance(v, list) and v else v)
+                     for k, v in history.items()}, indent=1)
