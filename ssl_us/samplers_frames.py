@@ -245,11 +245,19 @@ class VideoPairSampler:
   """
   label_fraction: float = 0.01
   label_seed: int = 0
+  num_classes: int | None = None   # when set, plan checks every label is below it
   records_per_example: int = 3
 
   def __post_init__(self):
     if not 0.0 <= self.label_fraction <= 1.0:
       raise ValueError(f"label_fraction must be in [0, 1], got {self.label_fraction}")
+
+  def _check_labels(self, index):
+    top = int(np.max(index.label))
+    if self.num_classes is not None and top >= self.num_classes:
+      names = getattr(index, "metadata", {}).get("label_names")
+      raise ValueError(f"{_where(index)}: video label {top} does not fit a classifier of "
+                       f"num_classes={self.num_classes} (label_names: {names})")
 
   def describe(self, index) -> dict[str, int]:
     """Videos, videos with one or two frames, and videos whose class label is used."""
@@ -263,6 +271,7 @@ class VideoPairSampler:
 
   def plan(self, index, rng, global_batch):
     _check_frame_mode(index, "VideoPairSampler")
+    self._check_labels(index)
     order, start, count = video_runs(index.video, index.frame_index)
     videos = np.flatnonzero(count > 0)
     if videos.size < global_batch:
@@ -293,8 +302,9 @@ class VideoPairSampler:
 
 @dataclasses.dataclass(frozen=True)
 class SameVideoSampler:
-  """CLPI examples: ``pair`` uint8 (2, H, W, 1) = two different frames of one video (or one
-  patient with ``group='patient'``), the positive pair; other groups are the negatives.
+  """CLPI examples: ``image`` and ``image_b`` uint8 (H, W, 1), two different frames of one video
+  (or one patient with ``group='patient'``), the positive pair; other groups are negatives.
+  ``anatomy`` is -1, so ``losses.awcl`` on them is NT-Xent.
 
   Frames are every ``every``-th record of each video. An epoch has ceil(#frames / 2B) global
   batches, each of B distinct groups (``distinct_group_batches``); a group with a single frame
@@ -335,4 +345,4 @@ class SameVideoSampler:
   def assemble(self, records, rng):
     del rng
     a, b = records
-    return {"pair": np.stack([a["frames"][0], b["frames"][0]]), "anatomy": np.int32(-1)}
+    return {"image": a["frames"][0], "image_b": b["frames"][0], "anatomy": np.int32(-1)}

@@ -19,11 +19,14 @@ import jax.numpy as jnp
 from ssl_us import losses
 
 
-def sample_mix_weights(key, n: int, alpha: float, beta: float) -> jax.Array:
-  """One lambda ~ Beta(alpha, beta) per video: (n,) float32 in [0, 1]."""
+def sample_mix_weights(keys, alpha: float, beta: float) -> jax.Array:
+  """One lambda ~ Beta(alpha, beta) per video from its own key: keys (n,) -> (n,) float32.
+
+  Per-example keys (``augment.example_keys``) make the draws independent of the device count.
+  """
   if alpha <= 0 or beta <= 0:
     raise ValueError(f"Beta parameters must be > 0, got alpha={alpha}, beta={beta}")
-  return jax.random.beta(key, alpha, beta, (n,), dtype=jnp.float32)
+  return jax.vmap(lambda k: jax.random.beta(k, alpha, beta, dtype=jnp.float32))(keys)
 
 
 def mix_views(frames, lam):

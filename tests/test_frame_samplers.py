@@ -265,6 +265,13 @@ def test_uscl_assemble_stacks_frames_and_masks_label():
   assert int(sf.VideoPairSampler(label_fraction=0.0).assemble(recs, None)["label"]) == -1
 
 
+def test_uscl_label_out_of_classifier_range():
+  idx = make_index([2, 2, 2], video_label=[0, 3, 1])
+  with pytest.raises(ValueError, match="video label 3 does not fit a classifier of num_classes=3"):
+    sf.VideoPairSampler(num_classes=3).plan(idx, np.random.default_rng(0), 2)
+  assert sf.VideoPairSampler(num_classes=4).plan(idx, np.random.default_rng(0), 2).shape == (4, 3)
+
+
 def test_uscl_needs_enough_videos():
   with pytest.raises(ValueError, match="batch of 8 distinct videos; the split has 3"):
     sf.VideoPairSampler().plan(make_index([4, 4, 4]), np.random.default_rng(0), 8)
@@ -297,5 +304,8 @@ def test_same_patient_pairs_and_every():
   assert set(idx.frame_index[plan].ravel() // 3) <= {0, 4}
   for batch in pats[:, 0].reshape(-1, 2):
     assert set(batch) == {0, 1}
-  out = s.assemble([{"frames": np.zeros((1, 3, 3, 1), np.uint8)}] * 2, None)
-  assert out["pair"].shape == (2, 3, 3, 1) and int(out["anatomy"]) == -1
+  recs = [{"frames": np.full((1, 3, 3, 1), k, np.uint8)} for k in (4, 9)]
+  out = s.assemble(recs, None)
+  assert out["image"].shape == out["image_b"].shape == (3, 3, 1)
+  assert int(out["image"][0, 0, 0]) == 4 and int(out["image_b"][0, 0, 0]) == 9
+  assert int(out["anatomy"]) == -1

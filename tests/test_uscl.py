@@ -37,17 +37,18 @@ def test_mix_views_rejects_bad_shapes():
 
 
 def test_beta_draws_match_the_arcsine_law():
-  lam = np.asarray(uscl.sample_mix_weights(jax.random.key(0), 20000, 0.5, 0.5))
+  lam = np.asarray(uscl.sample_mix_weights(jax.random.split(jax.random.key(0), 20000), 0.5, 0.5))
   assert lam.shape == (20000,) and lam.min() >= 0 and lam.max() <= 1
   # Beta(1/2, 1/2): mean 1/2, variance 1/8, CDF (2/pi) arcsin(sqrt(x)).
   np.testing.assert_allclose(lam.mean(), 0.5, atol=0.01)
   np.testing.assert_allclose(lam.var(), 0.125, atol=0.005)
   np.testing.assert_allclose((lam < 0.1).mean(), 2 / math.pi * math.asin(math.sqrt(0.1)),
                              atol=0.01)
-  skewed = np.asarray(uscl.sample_mix_weights(jax.random.key(1), 20000, 2.0, 5.0))
+  skewed = np.asarray(uscl.sample_mix_weights(jax.random.split(jax.random.key(1), 20000), 2.0,
+                                              5.0))
   np.testing.assert_allclose(skewed.mean(), 2 / 7, atol=0.01)
   with pytest.raises(ValueError, match="must be > 0"):
-    uscl.sample_mix_weights(jax.random.key(0), 4, 0.0, 0.5)
+    uscl.sample_mix_weights(jax.random.split(jax.random.key(0), 4), 0.0, 0.5)
 
 
 def test_masked_cross_entropy_by_hand():
