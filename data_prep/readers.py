@@ -61,6 +61,9 @@ class ReadError(Exception):
     self.path = path
     self.problem = problem
 
+  def __reduce__(self):  # picklable across worker processes despite the two-argument __init__
+    return ReadError, (self.path, self.problem)
+
 
 @dataclasses.dataclass
 class VideoInfo:
@@ -151,7 +154,7 @@ def _open_video(path: str):
 
 def _decode(container, errors: list[str]) -> Iterator[Any]:
   """Decoded av.VideoFrames of the first video stream in order. A packet the decoder rejects is
-  skipped; a demuxer error (truncated file) ends the stream; both append to ``errors``. The
+  skipped; a demuxer error (other than end of file) ends the stream; both append to ``errors``. The
   decoder is always flushed, so frames it still buffers are not lost."""
   import av
   stream = container.streams.video[0]

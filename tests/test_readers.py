@@ -5,6 +5,7 @@ Real-data tests skip when ../shared/data is absent; the format tests then use sy
 import csv
 import inspect
 import os
+import pickle
 
 import av
 import numpy as np
@@ -393,6 +394,11 @@ def test_bad_files_raise_read_error_naming_the_file(tmp_path, intra_mov):
     readers.probe(str(tmp_path / "empty.mp4"))
   with pytest.raises(readers.ReadError, match="no decodable"):
     readers.probe(str(tmp_path / "header_only.mov"))
+
+
+def test_read_error_survives_pickling():
+  err = pickle.loads(pickle.dumps(readers.ReadError("/x/a b.mp4", "empty file")))
+  assert (str(err), err.path, err.problem) == ("/x/a b.mp4: empty file", "/x/a b.mp4", "empty file")
 
 
 def test_is_supported_by_extension_case_insensitive():
