@@ -7,6 +7,8 @@ into strata by their label (the most common non-empty label of their videos; tie
 alphabetically first), and each stratum is divided in proportion to the split sizes, so label
 proportions match across splits as closely as whole patients allow. Inside a stratum patients
 are shuffled by ``seed``: the same patients, labels, fractions and seed give the same splits.
+Splits are decided before any video is decoded (so that separate tasks agree), so a patient
+whose videos all turn out unreadable still takes its place in a split.
 """
 from __future__ import annotations
 

@@ -1,0 +1,618 @@
+"""``build(input, output, **options)``: the data_prep pipeline, resumable and splittable.
+
+Steps: read the input (``manifest``), decide every video's split (``splits``), patient hash,
+label id and frame labels; write records from worker processes (``worker``) into shard
+*pieces* under ``<dataset_dir>/.data_prep_work/``; then *merge*: account for every input,
+turn the pieces into the final TFDS shards (renamed, or concatenated when small: TFRecord files
+concatenate), write the report and the metadata, dataset_info.json last, and delete the work
+folder.
+
+Resume: the work folder keeps the options (``config.json``) and one journal per worker and run.
+A re-run with the same options skips every video already committed to a piece, deletes
+leftover partial pieces and finishes; a re-run of a finished build returns its report.
+
+Several machines: ``--task_index i --num_tasks n`` builds the i-th part (every n-th video) into
+the same output folder (shared, or copied together afterwards), then one run with ``--merge``
+(and the same options) makes the dataset. A worker process that dies (a decoder crash) has its
+video rejected (reason ``crash``); the videos it had not committed yet are redone.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import queue as queue_lib
+import re
+import secrets
+import shutil
+import time
+
+import numpy as np
+
+from data_prep import config as config_lib
+from data_prep import dataset as dataset_lib
+from data_prep import manifest
+from data_prep import readers
+from data_prep import report as report_lib
+from data_prep import splits as splits_lib
+from data_prep import worker as worker_lib
+from data_prep import writer as writer_lib
+
+WORK = ".data_prep_work"
+REPORT = "report"
+_PIECE = re.compile(r"^(?P<split>\w+)\.t(?P<task>\d{5})-a(?P<attempt>\d{3})-w\d{3}-\d{5}"
+                    r"\.tfrecord(\.tmp)?$")
+_JOURNAL = re.compile(r"^t(?P<task>\d{5})-a(?P<attempt>\d{3})-(w\d{3}|main)\.jsonl$")
+
+
+class BuildError(RuntimeError):
+  """The build cannot finish (the message says why and what to do)."""
+
+
+@dataclasses.dataclass
+class Prepared:
+  """The input, read and decided: one job per usable video, in input order."""
+  inputs: manifest.Inputs
+  jobs: list[worker_lib.Job]
+  label_names: tuple[str, ...]
+  coarse_names: tuple[str, ...]
+  fine_names: tuple[str, ...]
+  digest: str                                   # identifies the input's videos and decisions
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkDir:
+  """The paths of the work folder of one dataset directory."""
+  root: str
+
+  @property
+  def pieces(self):
+    return os.path.join(self.root, "pieces")
+
+  @property
+  def journals(self):
+    return os.path.join(self.root, "journals")
+
+  @property
+  def tasks(self):
+    return os.path.join(self.root, "tasks")
+
+  def file(self, name: str) -> str:
+    return os.path.join(self.root, name)
+
+  def make(self) -> None:
+    for d in (self.pieces, self.journals, self.tasks):
+      os.makedirs(d, exist_ok=True)
+
+
+# ------------------------------------------------------------------------------------ input
+
+def read_inputs(cfg: config_lib.BuildConfig) -> manifest.Inputs:
+  """The input folder or manifest as entries (checked, patients filled in)."""
+  rx = manifest.compile_patient_regex(cfg.patient_regex)
+  if cfg.input_kind == "folder":
+    if os.path.commonpath([cfg.input, cfg.dataset_dir]) == cfg.input:
+      raise ValueError(f"--output {cfg.output} is inside --input {cfg.input}: the output would "
+                       "be read as input; pick an output folder outside it")
+    inputs = manifest.folder_inputs(cfg.input, readers.is_supported, rx, cfg.resolved_label_rule)
+  else:
+    root = os.path.abspath(cfg.root) if cfg.root else os.path.dirname(cfg.input)
+    inputs = manifest.manifest_inputs(
+        cfg.input, root, readers.is_supported, rx, cfg.resolved_label_rule,
+        path_column=cfg.path_column, patient_column=cfg.patient_column,
+        drop_columns=cfg.drop_columns)
+  manifest.finalize_entries(inputs)
+  if not inputs.entries:
+    raise ValueError(f"--input {cfg.input}: no videos found (supported: "
+                     f"{', '.join(readers.SUPPORTED_EXTENSIONS)} and folders of frames)")
+  return inputs
+
+
+def decide_splits(cfg: config_lib.BuildConfig, entries: list[manifest.Entry]) -> dict[str, str]:
+  """video_id -> split for usable entries: the manifest's, else patient-level and stratified."""
+  usable = [e for e in entries if not e.reject]
+  if usable and usable[0].split:
+    return {e.video_id: e.split for e in usable}
+  strata = splits_lib.patient_strata((e.patient_id, e.label) for e in usable)
+  by_patient = splits_lib.assign_splits(strata, splits_lib.parse_fractions(cfg.splits), cfg.seed)
+  return {e.video_id: by_patient[e.patient_id] for e in usable}
+
+
+def preview_positions(num: int, first: int, random: int, seed: int) -> set[int]:
+  """Positions of the videos that get a preview: the first ``first`` and ``random`` others."""
+  rest = np.arange(first, num)
+  rng = np.random.default_rng(seed)
+  picked = rng.choice(rest, size=min(random, len(rest)), replace=False) if len(rest) else []
+  return set(range(min(first, num))) | {int(i) for i in picked}
+
+
+def prepare(cfg: config_lib.BuildConfig, salt: bytes) -> Prepared:
+  """Read the input and decide each video's split, patient field, label id and frame labels."""
+  inputs = read_inputs(cfg)
+  frame_labels = manifest.read_frame_labels(cfg.frame_labels) if cfg.frame_labels else None
+  if frame_labels is not None:
+    manifest.check_frame_labels(frame_labels, inputs.entries)
+  label_names = tuple(sorted({e.label for e in inputs.entries} - {""}))
+  label_id = {n: i for i, n in enumerate(label_names)}
+  split_of = decide_splits(cfg, inputs.entries)
+  usable = [e for e in inputs.entries if not e.reject]
+  previews = preview_positions(len(usable), cfg.previews, cfg.random_previews, cfg.seed)
+  jobs = []
+  for pos, e in enumerate(usable):
+    jobs.append(worker_lib.Job(
+        entry=e, split=split_of[e.video_id],
+        patient=e.patient_id if cfg.keep_patient_id else manifest.hash_patient(e.patient_id, salt),
+        label_id=label_id.get(e.label, -1),
+        frame_labels=frame_labels.of_video(e.video_id) if frame_labels else None,
+        preview=worker_lib.preview_name(pos, e.video_id) if pos in previews else ""))
+  h = hashlib.sha256()
+  for e in inputs.entries:
+    h.update(json.dumps([e.video_id, e.path, e.reject, split_of.get(e.video_id, ""),
+                         e.label]).encode())
+  return Prepared(inputs=inputs, jobs=jobs, label_names=label_names,
+                  coarse_names=frame_labels.coarse_names if frame_labels else (),
+                  fine_names=frame_labels.fine_names if frame_labels else (),
+                  digest=h.hexdigest())
+
+
+# -------------------------------------------------------------------------------- work dir
+
+def resolve_salt(cfg: config_lib.BuildConfig, work: WorkDir) -> bytes:
+  """--salt, or the random salt of this build (made once, kept in the work folder only)."""
+  if cfg.salt:
+    return cfg.salt.encode("utf-8")
+  path = work.file("salt")
+  if not os.path.exists(path):
+    writer_lib.write_text_atomic(path, secrets.token_hex(32))
+  with open(path, encoding="utf-8") as f:
+    return f.read().strip().encode("utf-8")
+
+
+def check_work_config(cfg: config_lib.BuildConfig, work: WorkDir, salt: bytes,
+                      digest: str) -> None:
+  """Record the options in the work folder, or check that they match the unfinished build."""
+  want = {"fingerprint": cfg.fingerprint(), "input_digest": digest,
+          "salt_check": config_lib.salt_digest(salt)}
+  path = work.file("config.json")
+  if not os.path.exists(path):
+    writer_lib.write_json_atomic(path, want)
+  with open(path, encoding="utf-8") as f:
+    have = json.load(f)
+  if have != want:
+    diff = sorted(k for k in set(have["fingerprint"]) | set(want["fingerprint"])
+                  if have["fingerprint"].get(k) != want["fingerprint"].get(k))
+    if have["input_digest"] != want["input_digest"]:
+      diff.append("the input's videos")
+    if have["salt_check"] != want["salt_check"]:
+      diff.append("--salt")
+    raise BuildError(f"{cfg.dataset_dir} holds an unfinished build with other options "
+                     f"(differ: {', '.join(diff)}): re-run it with its options to finish it, or "
+                     "pass --overwrite to start again")
+
+
+def read_events(work: WorkDir, task: int | None = None) -> list[tuple[str, dict]]:
+  """(journal file, event) of all journals, or of one task's, in file order."""
+  out = []
+  for name in sorted(os.listdir(work.journals)):
+    m = _JOURNAL.match(name)
+    if m and (task is None or int(m.group("task")) == task):
+      out.extend((name, ev) for ev in worker_lib.read_journal(os.path.join(work.journals, name)))
+  return out
+
+
+def outcomes(events) -> tuple[dict[str, dict], list[dict]]:
+  """(video_id -> final audit, committed pieces). Written beats rejected (a later run may
+  succeed); a video written twice is an error."""
+  final: dict[str, dict] = {}
+  pieces = []
+  for name, ev in events:
+    if ev["event"] == "piece":
+      pieces.append(ev)
+      for audit in ev["videos"]:
+        old = final.get(audit["video_id"])
+        if old is not None and old["status"] == "written":
+          raise BuildError(f"video {audit['video_id']!r} was committed twice (pieces "
+                           f"{old['piece']} and {audit['piece']}): the work folder is corrupt; "
+                           "re-run with --overwrite")
+        final[audit["video_id"]] = audit
+    elif ev["event"] == "rejected":
+      old = final.get(ev["video"]["video_id"])
+      if old is None or old["status"] != "written":
+        final[ev["video"]["video_id"]] = ev["video"]
+  return final, pieces
+
+
+def clean_task_leftovers(work: WorkDir, task: int, committed: set[str]) -> list[str]:
+  """Delete this task's partial pieces (.tmp, or never committed); returns their names."""
+  removed = []
+  for name in sorted(os.listdir(work.pieces)):
+    m = _PIECE.match(name)
+    if m and int(m.group("task")) == task and (name.endswith(".tmp") or name not in committed):
+      os.remove(os.path.join(work.pieces, name))
+      removed.append(name)
+  return removed
+
+
+def next_attempt(work: WorkDir, task: int) -> int:
+  """1 + the highest attempt number of this task's journals."""
+  attempts = [int(m.group("attempt")) for n in os.listdir(work.journals)
+              if (m := _JOURNAL.match(n)) and int(m.group("task")) == task]
+  return max(attempts, default=0) + 1
+
+
+# ----------------------------------------------------------------------------------- tasks
+
+class Tracker:
+  """Counts finished videos for the progress bar, the run statistics and --strict."""
+
+  def __init__(self, total: int, done: int, progress: bool, strict: bool):
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    self.bar = tqdm(total=total, initial=done, unit="video", disable=None if progress else True,
+                    desc="data_prep")
+    self.strict = strict
+    self.counts = collections.Counter()
+    self.failure = ""
+
+  def audit(self, audit: dict, sign: int = 1) -> None:
+    """Count a finished video (sign=-1: un-count one that must be redone)."""
+    self.counts[audit["status"]] += sign
+    if audit["status"] == "written":
+      self.counts["bytes"] += sign * audit["bytes"]
+      self.counts["records"] += sign * audit["records"]
+    self.counts["input_bytes"] += sign * audit.get("input_bytes", 0)
+    self.bar.update(sign)
+    if sign < 0:
+      return
+    self.bar.set_postfix(rejected=self.counts["rejected"], refresh=False)
+    if self.strict and audit["status"] == "rejected" and not self.failure:
+      self.failure = f"--strict: {audit['source']} rejected ({audit['reason']}): {audit['message']}"
+
+  def close(self) -> None:
+    self.bar.close()
+
+
+def resolve_workers(num_workers: int) -> int:
+  return os.cpu_count() or 1 if num_workers < 0 else num_workers
+
+
+def run_in_process(wcfg: worker_lib.WorkerConfig, jobs, tracker: Tracker) -> None:
+  """All jobs in this process (--num_workers 0)."""
+  def emit(msg):
+    if msg["msg"] == "done":
+      tracker.audit(msg["audit"])
+
+  w = worker_lib.Worker(wcfg, 0, emit)
+  for job in jobs:
+    w.run(job)
+    if tracker.failure:
+      break
+  w.close()
+
+
+@dataclasses.dataclass
+class _Proc:
+  proc: object
+  jobs: object
+  sent: list = dataclasses.field(default_factory=list)     # video ids, in sending order
+  done: dict = dataclasses.field(default_factory=dict)     # video id -> audit
+  exited: bool = False
+  closing: bool = False
+
+
+def run_in_workers(wcfg: worker_lib.WorkerConfig, jobs, num_workers: int, tracker: Tracker,
+                   target=worker_lib.worker_process) -> None:
+  """Jobs over worker processes (spawned: no forked decoder or TF state); see module doc.
+
+  Each worker has its own job queue with at most two jobs outstanding. ``target(cfg, index,
+  jobs, results)`` is the worker's entry point (a picklable module-level function).
+  """
+  ctx = mp.get_context("spawn")
+  results = ctx.Queue()
+  pending = collections.deque(jobs)
+  by_id = {j.entry.video_id: j for j in jobs}
+  procs: dict[int, _Proc] = {}
+  main_journal = worker_lib.Journal(os.path.join(wcfg.journal_dir, f"{wcfg.prefix}-main.jsonl"))
+
+  def start(index):
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(wcfg, index, q, results), daemon=True)
+    p.start()
+    procs[index] = _Proc(p, q)
+
+  def feed():
+    for i, w in procs.items():
+      if w.exited or w.closing:
+        continue
+      while pending and len(w.sent) - len(w.done) < 2:
+        job = pending.popleft()
+        w.sent.append(job.entry.video_id)
+        w.jobs.put(job)
+      if not pending:
+        w.jobs.put(None)
+        w.closing = True
+
+  def died(index):
+    """A worker that ended without 'exit': blame its current video, redo its uncommitted."""
+    w = procs[index]
+    w.exited = True
+    path = os.path.join(wcfg.journal_dir, f"{wcfg.prefix}-w{index:03d}.jsonl")
+    events = worker_lib.read_journal(path) if os.path.exists(path) else []
+    committed, _ = outcomes([("", ev) for ev in events])
+    starts = [ev["video_id"] for ev in events if ev["event"] == "start"]
+    culprit = starts[-1] if starts and starts[-1] not in w.done else ""
+    for vid in w.sent:
+      if vid in committed:
+        continue
+      if vid == culprit:
+        e = by_id[vid].entry
+        audit = {"video_id": vid, "source": e.source, "split": by_id[vid].split,
+                 "status": "rejected", "reason": "crash",
+                 "message": f"{e.path}: the worker reading it died (exit code "
+                            f"{w.proc.exitcode})"}
+        main_journal.append({"event": "rejected", "video": audit})
+        tracker.audit(audit)
+      else:
+        pending.append(by_id[vid])
+        if vid in w.done:
+          tracker.audit(w.done[vid], sign=-1)
+    if pending:
+      start(max(procs) + 1)
+
+  def handle(msg):
+    w = procs[msg["worker"]]
+    if msg["msg"] == "done":
+      w.done[msg["audit"]["video_id"]] = msg["audit"]
+      tracker.audit(msg["audit"])
+    elif msg["msg"] == "exit":
+      w.exited = True
+      w.proc.join()
+    elif msg["msg"] == "fatal":
+      raise BuildError(f"worker {msg['worker']} failed:\n{msg['error']}")
+
+  def drain():
+    """Handle every message already sent (a worker flushes its queue before it exits)."""
+    while True:
+      try:
+        handle(results.get(timeout=0.2))
+      except queue_lib.Empty:
+        return
+
+  for i in range(num_workers):
+    start(i)
+  try:
+    while any(not w.exited for w in procs.values()) and not tracker.failure:
+      feed()
+      if any(not w.exited and w.proc.exitcode is not None for w in procs.values()):
+        drain()
+        for i, w in list(procs.items()):
+          if not w.exited and w.proc.exitcode is not None:
+            died(i)
+        continue
+      try:
+        handle(results.get(timeout=1.0))
+      except queue_lib.Empty:
+        continue
+  finally:
+    main_journal.close()
+    for w in procs.values():
+      if w.proc.is_alive():
+        w.proc.terminate()
+      w.proc.join()
+
+
+def run_task(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir) -> dict:
+  """Write this task's videos (resuming); returns the task summary written to tasks/."""
+  t0 = time.time()
+  task = cfg.task_index
+  mine = [j for i, j in enumerate(prep.jobs) if i % cfg.num_tasks == task]
+  final, pieces = outcomes(read_events(work, task))
+  committed = {p["piece"] for p in pieces}
+  removed = clean_task_leftovers(work, task, committed)
+  todo = [j for j in mine if final.get(j.entry.video_id, {}).get("status") != "written"]
+  attempt = next_attempt(work, task)
+  wcfg = worker_lib.WorkerConfig(
+      pieces_dir=work.pieces, journal_dir=work.journals,
+      preview_dir=os.path.join(cfg.dataset_dir, REPORT, "previews"),
+      prefix=f"t{task:05d}-a{attempt:03d}", image_size=cfg.size, sampling=cfg.sampling,
+      min_size=cfg.min_size, region_samples=cfg.region_samples, shard_bytes=cfg.shard_bytes,
+      buffer_bytes=int(cfg.buffer_mb * 2**20))
+  os.makedirs(wcfg.preview_dir, exist_ok=True)
+  tracker = Tracker(len(mine), len(mine) - len(todo), cfg.progress, cfg.strict)
+  try:
+    num_workers = min(resolve_workers(cfg.num_workers), len(todo))
+    if num_workers == 0:
+      run_in_process(wcfg, todo, tracker)
+    else:
+      run_in_workers(wcfg, todo, num_workers, tracker)
+  finally:
+    tracker.close()
+  if tracker.failure:
+    raise BuildError(tracker.failure)
+  final, _ = outcomes(read_events(work, task))
+  missing = [j.entry.source for j in mine if j.entry.video_id not in final]
+  if missing:
+    raise BuildError(f"task {task}: {len(missing)} videos were not finished (e.g. "
+                     f"{missing[0]}) after a worker crash; re-run the same command to resume")
+  seconds = max(time.time() - t0, 1e-9)
+  c = tracker.counts
+  summary = {"task_index": task, "num_tasks": cfg.num_tasks, "videos": len(mine),
+             "resumed_from": len(mine) - len(todo), "leftover_pieces_removed": len(removed),
+             "run": {"videos": len(todo), "seconds": round(seconds, 3), "workers": num_workers,
+                     "written": c["written"], "rejected": c["rejected"], "records": c["records"],
+                     "output_bytes": c["bytes"], "input_bytes": c["input_bytes"],
+                     "videos_per_minute": round(60 * len(todo) / seconds, 2),
+                     "input_mb_per_s": round(c["input_bytes"] / 2**20 / seconds, 3),
+                     "output_mb_per_s": round(c["bytes"] / 2**20 / seconds, 3)}}
+  writer_lib.write_json_atomic(os.path.join(work.tasks, task_file(task, cfg.num_tasks)), summary)
+  return summary
+
+
+def task_file(task: int, num_tasks: int) -> str:
+  return f"task-{task:05d}-of-{num_tasks:05d}.json"
+
+
+# ----------------------------------------------------------------------------------- merge
+
+def plan_shards(pieces: list[dict], shard_bytes: int) -> list[list[dict]]:
+  """Consecutive pieces grouped into shards of at most shard_bytes (a bigger piece alone)."""
+  groups, current, size = [], [], 0
+  for p in pieces:
+    if current and size + p["bytes"] > shard_bytes:
+      groups.append(current)
+      current, size = [], 0
+    current.append(p)
+    size += p["bytes"]
+  if current:
+    groups.append(current)
+  return groups
+
+
+def make_merge_plan(cfg: config_lib.BuildConfig, pieces: list[dict]) -> dict:
+  """split -> list of {'shard', 'pieces', 'records', 'bytes'}; splits in --splits order (others
+  after, sorted), pieces sorted by name (task, run, worker, sequence)."""
+  by_split = collections.defaultdict(list)
+  for p in sorted(pieces, key=lambda p: p["piece"]):
+    by_split[p["split"]].append(p)
+  order = list(splits_lib.parse_fractions(cfg.splits))
+  plan = {}
+  for split in sorted(by_split, key=lambda s: (order.index(s) if s in order else len(order), s)):
+    groups = plan_shards(by_split[split], cfg.shard_bytes)
+    plan[split] = [{"shard": dataset_lib.shard_name(cfg.name, split, i, len(groups)),
+                    "pieces": [p["piece"] for p in g],
+                    "records": sum(p["records"] for p in g),
+                    "bytes": sum(p["bytes"] for p in g)} for i, g in enumerate(groups)]
+  return plan
+
+
+def execute_merge_plan(plan: dict, work: WorkDir, dataset_dir: str) -> None:
+  """Make every planned shard (idempotent: a shard already there is skipped)."""
+  for shards in plan.values():
+    for s in shards:
+      dest = os.path.join(dataset_dir, s["shard"])
+      sources = [os.path.join(work.pieces, p) for p in s["pieces"]]
+      if not os.path.exists(dest):
+        if len(sources) == 1:
+          os.replace(sources[0], dest)
+        else:
+          with open(dest + ".tmp", "wb") as out:
+            for src in sources:
+              with open(src, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 22)
+            out.flush()
+            os.fsync(out.fileno())
+          os.replace(dest + ".tmp", dest)
+      if os.path.getsize(dest) != s["bytes"]:
+        raise BuildError(f"{dest}: {os.path.getsize(dest)} bytes, the journal says {s['bytes']}")
+      for src in sources:
+        if os.path.exists(src):
+          os.remove(src)
+
+
+def merge(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir) -> dict:
+  """Check that every input is accounted for, make the shards, report, metadata; finish."""
+  missing_tasks = [t for t in range(cfg.num_tasks)
+                   if not os.path.exists(os.path.join(work.tasks, task_file(t, cfg.num_tasks)))]
+  if missing_tasks:
+    raise BuildError(f"cannot merge: tasks {missing_tasks} of {cfg.num_tasks} have not finished "
+                     f"(no {work.tasks}/{task_file(missing_tasks[0], cfg.num_tasks)}); run them "
+                     "with --task_index first")
+  final, pieces = outcomes(read_events(work))
+  wanted = {j.entry.video_id for j in prep.jobs}
+  stray = sorted(set(final) - wanted)
+  lost = sorted(wanted - set(final))
+  if stray or lost:
+    raise BuildError(f"cannot merge: the work folder does not match the input ({len(lost)} "
+                     f"videos without a result, e.g. {lost[:2]}; {len(stray)} unknown, e.g. "
+                     f"{stray[:2]}); re-run the tasks, or --overwrite")
+  plan_path = work.file("merge_plan.json")
+  if os.path.exists(plan_path):
+    with open(plan_path, encoding="utf-8") as f:
+      plan = json.load(f)
+  else:
+    plan = make_merge_plan(cfg, pieces)
+    writer_lib.write_json_atomic(plan_path, plan)
+  execute_merge_plan(plan, work, cfg.dataset_dir)
+  tasks = []
+  for t in range(cfg.num_tasks):
+    with open(os.path.join(work.tasks, task_file(t, cfg.num_tasks)), encoding="utf-8") as f:
+      tasks.append(json.load(f))
+  report = report_lib.make_report(cfg, prep, final, plan, tasks)
+  report_dir = os.path.join(cfg.dataset_dir, REPORT)
+  os.makedirs(report_dir, exist_ok=True)
+  writer_lib.write_json_atomic(os.path.join(report_dir, "report.json"), report)
+  writer_lib.write_text_atomic(os.path.join(report_dir, "summary.txt"),
+                               report_lib.summary_text(report))
+  if not plan:
+    raise BuildError(f"no records written: all {len(prep.inputs.entries)} inputs were rejected; "
+                     f"see {report_dir}/summary.txt")
+  metadata = {"label_names": list(prep.label_names),
+              "anatomy_coarse_names": list(prep.coarse_names),
+              "anatomy_fine_names": list(prep.fine_names),
+              "mode": cfg.sampling.mode, "image_size": list(cfg.size),
+              "clip_len": cfg.sampling.record_len if cfg.sampling.mode == "clip" else 0,
+              "args": cfg.public_args()}
+  dataset_lib.write_metadata(
+      cfg.dataset_dir, work.file("staging"), name=cfg.name, version=cfg.version,
+      image_size=cfg.size, metadata=metadata,
+      splits={s: ([g["records"] for g in shards], sum(g["bytes"] for g in shards))
+              for s, shards in plan.items()},
+      description=f"Ultrasound records ({cfg.sampling.mode} mode) made by data_prep.")
+  shutil.rmtree(work.root)
+  return report
+
+
+# ----------------------------------------------------------------------------------- build
+
+def _finished(cfg: config_lib.BuildConfig) -> dict | None:
+  """The report of an already finished build with these options; BuildError if it differs."""
+  if not os.path.exists(os.path.join(cfg.dataset_dir, dataset_lib.DATASET_INFO)):
+    return None
+  with open(os.path.join(cfg.dataset_dir, "metadata.json"), encoding="utf-8") as f:
+    args = json.load(f).get("args", {})
+  have = {k: v for k, v in args.items() if k not in config_lib.RUN_ONLY and k != "output"}
+  if have != cfg.fingerprint():
+    raise BuildError(f"{cfg.dataset_dir} is a finished dataset made with other options: pass "
+                     "--overwrite to replace it, or choose another --output/--name/--version")
+  work = os.path.join(cfg.dataset_dir, WORK)
+  if os.path.isdir(work):  # the merge was stopped after finishing, before cleaning up
+    shutil.rmtree(work)
+  with open(os.path.join(cfg.dataset_dir, REPORT, "report.json"), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def build(input, output, **options) -> dict:  # pylint: disable=redefined-builtin
+  """Build (or resume, or merge) a dataset; returns the report dict.
+
+  Args:
+    input: a folder of videos or a manifest CSV.
+    output: the output folder; the dataset goes to ``<output>/<name>/<version>/``.
+    **options: the CLI options by name (see ``python -m data_prep --help``), e.g.
+      ``fps=3``, ``size=(128, 128)``, ``splits="train=0.8,val=0.2"``, ``num_workers=0``.
+
+  With ``num_tasks > 1`` and no ``merge``, only task ``task_index`` is built and its summary
+  returned; ``merge=True`` then makes the dataset. Raises ValueError for bad options or input
+  and BuildError when the build cannot finish (including --strict rejections).
+  """
+  cfg = config_lib.BuildConfig.create(input, output, **options)
+  if cfg.overwrite and os.path.isdir(cfg.dataset_dir):
+    shutil.rmtree(cfg.dataset_dir)
+  report = _finished(cfg)
+  if report is not None:
+    return report
+  if os.path.isdir(cfg.dataset_dir) and os.listdir(cfg.dataset_dir) and not os.path.isdir(
+      os.path.join(cfg.dataset_dir, WORK)):
+    raise BuildError(f"{cfg.dataset_dir} exists and is not a data_prep build: pass --overwrite "
+                     "to replace it, or choose another --output/--name/--version")
+  work = WorkDir(os.path.join(cfg.dataset_dir, WORK))
+  work.make()
+  salt = b"" if cfg.keep_patient_id else resolve_salt(cfg, work)
+  prep = prepare(cfg, salt)
+  check_work_config(cfg, work, salt, prep.digest)
+  if not cfg.merge:
+    summary = run_task(cfg, prep, work)
+    if cfg.num_tasks > 1:
+      return summary
+  return merge(cfg, prep, work)

@@ -1,0 +1,105 @@
+"""data_prep survives a kill (resume without duplicates) and a worker that dies mid-video."""
+import collections
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from data_prep import config as config_lib
+from data_prep import dataset as dataset_lib
+from data_prep import pipeline
+from data_prep import worker as worker_lib
+from tests.test_data_prep_pipeline import check_videos_contiguous, read_records, write_video
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _committed_pieces(work):
+  n = 0
+  for path in glob.glob(os.path.join(work, "journals", "*.jsonl")):
+    with open(path) as f:
+      n += sum('"event": "piece"' in line for line in f)
+  return n
+
+
+def test_killed_run_resumes_without_duplicates(tmp_path):
+  src, out = str(tmp_path / "in"), str(tmp_path / "out")
+  num_videos, frames = 30, 12
+  for i in range(num_videos):
+    write_video(os.path.join(src, f"p{i // 3}", f"v{i:02d}.mp4"), frames, seed=i)
+  argv = ["--input", src, "--output", out, "--size", "96", "--label_rule", "none",
+          "--patient_regex", r"^(p\d+)/", "--shard_mb", "0.000001", "--no_progress"]
+  ddir = os.path.join(out, "ultrasound", "1.0.0")
+  work = os.path.join(ddir, pipeline.WORK)
+  proc = subprocess.Popen([sys.executable, "-m", "data_prep", *argv, "--num_workers", "1"],
+                          cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 240
+    while _committed_pieces(work) < 3 and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.01)
+  finally:
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its worker process
+    proc.wait()
+  done_before = _committed_pieces(work)
+  assert 3 <= done_before < num_videos, "the run was not killed half-way"
+  assert not os.path.exists(os.path.join(ddir, "dataset_info.json"))
+  with pytest.raises(dataset_lib.IncompleteDatasetError, match="re-run the same"):
+    dataset_lib.require_complete(ddir)
+
+  from data_prep import cli
+  assert cli.main(argv + ["--num_workers", "0"]) == cli.EXIT_OK
+  report = pipeline.build(src, out, **{"size": 96, "label_rule": "none",
+                                       "patient_regex": r"^(p\d+)/", "shard_mb": 0.000001})
+  (task,) = report["tasks"]
+  assert task["resumed_from"] >= done_before and task["run"]["videos"] == num_videos - (
+      task["resumed_from"])
+  assert report["counts"]["written"] == num_videos
+  records = read_records(ddir)
+  keys = [(r["video_id"], int(r["frame_indices"][0])) for _, _, r in records]
+  assert len(keys) == len(set(keys)) == num_videos * frames
+  check_videos_contiguous(records)
+  assert not glob.glob(os.path.join(ddir, "**", "*.tmp"), recursive=True)
+  assert not os.path.exists(work)
+
+
+def crashing_worker(cfg, index, jobs, results):
+  """worker_lib.worker_process, except that the process dies on the video crash.mp4."""
+  w = worker_lib.Worker(cfg, index, results.put)
+  while (job := jobs.get()) is not None:
+    if job.entry.video_id == "crash.mp4":
+      w.journal.append({"event": "start", "video_id": "crash.mp4"}, sync=False)
+      os._exit(7)
+    w.run(job)
+  w.close()
+  results.put({"msg": "exit", "worker": index})
+
+
+def test_worker_death_rejects_its_video_and_redoes_the_uncommitted(tmp_path):
+  src = str(tmp_path / "in")
+  names = ["a", "b", "crash", "c", "d"]
+  for i, n in enumerate(names):
+    write_video(os.path.join(src, f"{n}.mp4"), 4, seed=i)
+  cfg = config_lib.BuildConfig.create(src, tmp_path / "out", size=16, min_size=16)
+  work = pipeline.WorkDir(str(tmp_path / "work"))
+  work.make()
+  prep = pipeline.prepare(cfg, b"salt")
+  wcfg = worker_lib.WorkerConfig(
+      pieces_dir=work.pieces, journal_dir=work.journals, preview_dir=str(tmp_path / "pv"),
+      prefix="t00000-a001", image_size=(16, 16), sampling=cfg.sampling, min_size=16,
+      region_samples=4, shard_bytes=1 << 30, buffer_bytes=1 << 20)
+  tracker = pipeline.Tracker(len(prep.jobs), 0, progress=False, strict=False)
+  pipeline.run_in_workers(wcfg, prep.jobs, 1, tracker, target=crashing_worker)
+  tracker.close()
+  final, pieces = pipeline.outcomes(pipeline.read_events(work))
+  assert {v: a["status"] for v, a in final.items()} == {
+      "a.mp4": "written", "b.mp4": "written", "crash.mp4": "rejected", "c.mp4": "written",
+      "d.mp4": "written"}
+  assert final["crash.mp4"]["reason"] == "crash"
+  in_pieces = collections.Counter(v["video_id"] for p in pieces for v in p["videos"])
+  assert in_pieces == {"a.mp4": 1, "b.mp4": 1, "c.mp4": 1, "d.mp4": 1}
+  assert (tracker.counts["written"], tracker.counts["rejected"]) == (4, 1)
