@@ -6,24 +6,23 @@ INSTALL_REQUIRES = [
     "jax>=0.8,<0.11",
     "flax>=0.11,<0.13",
     "optax>=0.2.4,<0.3",
-    "orbax-checkpoint>=0.11,<0.12",
+    "orbax-checkpoint>=0.11,<0.13",
     "grain>=0.2.12,<0.3",
-    "tensorflow-cpu>=2.18,<2.21",
+    "tensorflow-cpu>=2.18,<2.22",
     "tensorflow-datasets>=4.9.8,<4.10",
     "einops>=0.8,<0.9",
     "ml-collections>=1.0,<1.2",
     "clu>=0.0.12,<0.1",
     "tensorboard>=2.18,<3",  # clu's TensorBoard writer imports it
-    "av>=13,<17",
+    "av>=13,<19",
     "pydicom>=3.0,<3.1",
     "pylibjpeg>=2.0,<3",
     "pylibjpeg-libjpeg>=2.1,<3",
-    "pillow>=10,<13",
+    "pillow>=10,<14",
     "scipy>=1.11,<2",
     "scikit-learn>=1.4,<2",
     "matplotlib>=3.8,<4",
     "tqdm>=4.66,<5",
-    "google-crc32c>=1.5,<2",
 ]
 
 setup(

@@ -162,9 +162,20 @@ def augment_image(key, image, cfg: AugmentConfig):
   return augment_clip(key, image[None], cfg)[0]
 
 
-def augment_batch(key, images, cfg: AugmentConfig):
+def example_keys(key, n: int, axis_name=None):
+  """One key per example, from its index in the *global* batch.
+
+  Inside shard_map each device holds examples [i * n, (i + 1) * n) of the global batch, so its
+  keys differ from every other device's, and the keys (hence the augmentations) do not depend
+  on how the batch is split over devices.
+  """
+  offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * n
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(offset + jnp.arange(n))
+
+
+def augment_batch(key, images, cfg: AugmentConfig, axis_name=None):
   """A batch of images (B, H, W, C) or clips (B, T, H, W, C), one key per example."""
-  keys = jax.random.split(key, images.shape[0])
+  keys = example_keys(key, images.shape[0], axis_name)
   fn = augment_image if images.ndim == 4 else augment_clip
   return jax.vmap(lambda k, x: fn(k, x, cfg))(keys, images)
 

@@ -138,17 +138,19 @@ def create_state(method, tx, rng, sample_batch) -> TrainState:
 # Step.
 
 
-def train_step(state: TrainState, batch, *, method, tx, schedule, axis_name=parallel.DATA):
-  """One optimizer step, per device (inside shard_map over ``axis_name``)."""
-  rng = jax.random.wrap_key_data(state.rng)
-  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(axis_name))
+def train_step(state: TrainState, batch, *, method, tx, schedule):
+  """One optimizer step, per device (inside shard_map over the method's axis_name)."""
+  # The step key is the same on every device; methods derive per-example keys from global
+  # example indices (augment.example_keys) and fold the device index in where they need
+  # per-device randomness (dropout), so results do not depend on the device count.
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   (loss, (new_vars, metrics)), grads = jax.value_and_grad(method.loss, has_aux=True)(
       state.params, state.variables, batch, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   variables = method.after_update({**state.variables, **new_vars}, params, state.step)
   metrics = dict(metrics, loss=loss, learning_rate=schedule(state.step),
-                 grad_norm=optax.global_norm(grads))
+                 grad_norm=optax.tree.norm(grads))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             variables=variables)
   return new_state, metrics

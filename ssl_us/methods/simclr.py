@@ -52,12 +52,19 @@ class SimCLR:
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
   def views(self, batch, rng):
+    """Two augmented views; example keys from global indices (see augment.example_keys)."""
     k_a, k_b = jax.random.split(rng)
     x = batch[self.view_key]
-    return augment.augment_batch(k_a, x, self.aug), augment.augment_batch(k_b, x, self.aug)
+    return (augment.augment_batch(k_a, x, self.aug, self.axis_name),
+            augment.augment_batch(k_b, x, self.aug, self.axis_name))
 
   def forward(self, params, variables, x, rng):
-    """Train-mode forward pass; returns (outputs, updated batch_stats)."""
+    """Train-mode forward pass; returns (outputs, updated batch_stats).
+
+    ``rng`` is the same on every device; dropout masks are drawn per device from it.
+    """
+    if self.axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(self.axis_name))
     out, state = self.model.apply({"params": params, "batch_stats": variables["batch_stats"]},
                                   x, train=True, mutable=["batch_stats"],
                                   rngs={"dropout": rng})

@@ -1,0 +1,135 @@
+"""The training spine: sharded == single device, resume == uninterrupted, load_encoder, configs."""
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import simclr_muscle
+from ssl_us import checkpoint, input_pipeline, parallel, train
+from tests import fixtures
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  return fixtures.write_dataset(str(tmp_path_factory.mktemp("data")), num_videos=8, frames=4)
+
+
+def tiny_config(data_dir, **over):
+  c = simclr_muscle.get_config("runlocal")
+  c.data.dir = data_dir
+  c.data.num_workers = 0
+  c.image_size = (16, 16)
+  c.batch_size = 8
+  c.num_steps = 4
+  c.log_every = 1
+  c.ckpt_every = 2
+  c.progress_bar = False
+  c.model.encoder_kwargs.width = 4
+  c.model.encoder_kwargs.dropout_rate = 0.0  # dropout masks are per device by design
+  c.model.head_hidden = (16,)
+  c.model.head_out = 8
+  for k, v in over.items():
+    c[k] = v
+  return c
+
+
+def run_steps(config, mesh, steps):
+  """Steps from a fresh state on ``mesh``; returns (losses, final state as numpy)."""
+  setup = train.build(config, mesh)
+  it = iter(train.make_input(setup, config))
+  batches = [next(it) for _ in range(steps)]
+  state = train.init_state(setup, config, batches[0])
+  step = train.make_train_step(setup.method, setup.tx, setup.schedule, mesh)
+  losses = []
+  for b in batches:
+    state, m = step(state, parallel.shard_host_batch(b, mesh))
+    losses.append(float(m["loss"]))
+  return losses, jax.device_get(state)
+
+
+def test_eight_devices_equal_one_device(dataset):
+  """Same global batch on 8 fake devices and on 1: losses and parameters (BatchNorm global)."""
+  config = tiny_config(dataset)
+  l8, s8 = run_steps(config, parallel.make_mesh(8), 3)
+  l1, s1 = run_steps(config, parallel.make_mesh(1), 3)
+  np.testing.assert_allclose(l8, l1, rtol=2e-5)
+  for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(s8.variables), jax.tree.leaves(s1.variables)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert l1[0] != l1[2]  # the parameters did move
+
+
+def test_resume_equals_uninterrupted(dataset, tmp_path):
+  config = tiny_config(dataset, num_steps=4)
+  mesh = parallel.make_mesh(2)
+  full = train.train_and_evaluate(config, str(tmp_path / "full"), mesh=mesh)
+  first = train.train_and_evaluate(config, str(tmp_path / "split"), mesh=mesh, max_steps=2)
+  rest = train.train_and_evaluate(config, str(tmp_path / "split"), mesh=mesh)
+  assert first["step"] == [1, 2] and rest["step"] == [3, 4]
+  np.testing.assert_allclose(first["loss"] + rest["loss"], full["loss"], rtol=1e-6)
+
+
+def test_load_encoder_round_trip(dataset, tmp_path):
+  config = tiny_config(dataset, num_steps=2)
+  mesh = parallel.make_mesh(1)
+  wd = str(tmp_path / "wd")
+  train.train_and_evaluate(config, wd, mesh=mesh)
+  module, variables = checkpoint.load_encoder(wd)
+  _, method, full = checkpoint.load_variables(wd)
+  index = input_pipeline.load_index(dataset, "train")
+  x = method.eval_view(np.stack([input_pipeline.read_record(index, i)["frames"][0]
+                                 for i in range(4)]))
+  feats = checkpoint.encode(module, variables, x)
+  ref = method.model.apply({"params": full["params"], "batch_stats": full["batch_stats"]},
+                           x, train=False)["h"]
+  np.testing.assert_allclose(feats, ref, rtol=1e-5, atol=1e-6)
+  assert feats.shape == (4, 8 * 4 * 4)  # 2*width channels at 16/4 x 16/4, flattened
+  # The trained encoder differs from a fresh one.
+  fresh = method.init(jax.random.key(1), {"image": np.zeros((2, 16, 16, 1), np.uint8)})
+  assert not np.allclose(jax.tree.leaves(fresh["params"]["encoder"])[0],
+                         jax.tree.leaves(variables["params"])[0])
+  with pytest.raises(FileNotFoundError, match="no checkpoint at step 7"):
+    checkpoint.load_encoder(wd, step=7)
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(batch_size=12), "does not divide over 8 devices"),
+    (dict(num_steps=0), "num_steps"),
+])
+def test_config_errors_before_compiling(dataset, override, message):
+  with pytest.raises(ValueError, match=message):
+    train.build(tiny_config(dataset, **override), parallel.make_mesh(8))
+
+
+def test_temperature_error(dataset):
+  config = tiny_config(dataset)
+  config.loss.temperature = 0.0
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    train.build(config, parallel.make_mesh(1))
+
+
+def _main(*args, cwd=ROOT):
+  return subprocess.run([sys.executable, "-m", "ssl_us.main", *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "configs/simclr_muscle.py", "--config.no_such_key=1"], "no_such_key"),
+    (["--config", "configs/broken_config_for_test.py"], "broken_config_for_test"),
+    (["--config", "configs/simclr_muscle.py:bogus"], "unknown config variant 'bogus'"),
+])
+def test_cli_config_errors(tmp_path, args, message):
+  broken = os.path.join(ROOT, "configs", "broken_config_for_test.py")
+  if "broken" in args[1]:
+    args = ["--config", str(tmp_path / "broken_config_for_test.py")]
+    (tmp_path / "broken_config_for_test.py").write_text("def get_config(:\n")
+  r = _main(*args, "--workdir", str(tmp_path / "wd"))
+  assert r.returncode != 0
+  assert message in r.stderr + r.stdout
+  assert not os.path.exists(broken)
