@@ -223,11 +223,14 @@ def _write_cache(path, key, index: RecordIndex):
 
 
 class RecordReader:
-  """Random access to the records of an index; file handles opened lazily per process."""
+  """Random access to the records of an index; thread-safe (positional reads, os.pread).
+
+  File descriptors are opened lazily in each process (the reader pickles to its index only).
+  """
 
   def __init__(self, index: RecordIndex):
     self.index = index
-    self._handles: dict[int, Any] = {}
+    self._fds: dict[int, int] = {}
 
   def __getstate__(self):
     return {"index": self.index}
@@ -235,15 +238,22 @@ class RecordReader:
   def __setstate__(self, state):
     self.__init__(state["index"])
 
+  def __del__(self):
+    for fd in self._fds.values():
+      os.close(fd)
+
   def read(self, i: int) -> dict[str, Any]:
     ix = self.index
     fid = int(ix.file_id[i])
-    f = self._handles.get(fid)
-    if f is None:
-      f = self._handles[fid] = open(ix.files[fid], "rb")
-    f.seek(int(ix.offset[i]))
-    data = f.read(int(ix.length[i]))
-    return parse_example(data, where=f"{ix.files[fid]}@{int(ix.offset[i])}")
+    fd = self._fds.get(fid)
+    if fd is None:
+      fd = self._fds.setdefault(fid, os.open(ix.files[fid], os.O_RDONLY))
+    off, n = int(ix.offset[i]), int(ix.length[i])
+    data = os.pread(fd, n, off)
+    if len(data) != n:
+      raise DatasetError(f"{ix.files[fid]}: record at byte {off} is truncated (file changed "
+                         "after indexing?)")
+    return parse_example(data, where=f"{ix.files[fid]}@{off}")
 
 
 def read_record(index: RecordIndex, i: int) -> dict[str, Any]:
@@ -319,9 +329,9 @@ class _PlanSource:
     if plan.ndim != 2 or plan.shape[1] != self.sampler.records_per_example:
       raise ValueError(f"{type(self.sampler).__name__}.plan returned shape {plan.shape}")
     nb = plan.shape[0] // self.global_batch
-    plan = plan[: nb * self.global_batch].reshape(nb, self.global_batch, -1)
+    plan = plan[: nb * self.global_batch].reshape(nb, self.global_batch, plan.shape[1])
     chunk = plan[:, self.p * self.local_batch:(self.p + 1) * self.local_batch]
-    return chunk.reshape(nb * self.local_batch, -1)
+    return chunk.reshape(nb * self.local_batch, plan.shape[2])
 
   def __len__(self):
     epochs = self.num_epochs if self.num_epochs is not None else 1_000_000
@@ -360,6 +370,9 @@ def make_dataset(index: RecordIndex, sampler: Sampler, *, global_batch: int, see
   ds = ds.batch(src.local_batch, drop_remainder=True)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if num_workers > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():  # library use outside absl.app: grain reads its flags
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                      per_worker_buffer_size=2))
   return ds

@@ -1,0 +1,144 @@
+"""The grain input pipeline over shards: index, samplers, process slicing, state, errors."""
+import os
+
+import numpy as np
+import pytest
+
+from ssl_us import input_pipeline as ip
+from tests import fixtures
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  return fixtures.write_dataset(str(tmp_path_factory.mktemp("d")), num_videos=6, frames=4,
+                                num_shards=3)
+
+
+def test_index_accounts_for_every_record(dataset):
+  index = ip.load_index(dataset, "train", cache=False)
+  assert index.num_records == 24 and index.num_videos == 6
+  # Records of one video are consecutive and in frame order.
+  for v in range(6):
+    rows = np.flatnonzero(index.video == v)
+    assert np.all(np.diff(rows) == 1)
+    np.testing.assert_array_equal(index.frame_index[rows], [0, 1, 2, 3])
+  # Labels as written: class = video number % 2.
+  for v, name in enumerate(index.video_ids):
+    assert set(index.label[index.video == v]) == {int(name[-3:]) % 2}
+  rec = ip.read_record(index, 5)
+  assert rec["frames"].shape == (1, 16, 16, 1) and rec["frames"].dtype == np.uint8
+  assert rec["video_id"] == index.video_ids[index.video[5]]
+
+
+def test_index_cache_is_used_and_invalidated(dataset):
+  a = ip.load_index(dataset, "train")
+  cache = os.path.join(dataset, ".index", "train.npz")
+  assert os.path.exists(cache)
+  b = ip.load_index(dataset, "train")
+  np.testing.assert_array_equal(a.offset, b.offset)
+  assert a.video_ids == b.video_ids
+
+
+def _all_batches(index, sampler, n, **kw):
+  it = iter(ip.make_dataset(index, sampler, **kw))
+  return [next(it) for _ in range(n)]
+
+
+def test_processes_read_disjoint_parts_of_each_global_batch(dataset):
+  index = ip.load_index(dataset, "train")
+  # Tag each example with its record id through the frame index + video.
+  global_b = _all_batches(index, _TaggingSampler(), 3, global_batch=8, seed=3)
+  parts = [_all_batches(index, _TaggingSampler(), 3, global_batch=8, seed=3,
+                        process_index=p, process_count=2) for p in range(2)]
+  for s in range(3):
+    g = global_b[s]["rid"]
+    p0, p1 = parts[0][s]["rid"], parts[1][s]["rid"]
+    assert len(p0) == len(p1) == 4
+    assert not set(p0) & set(p1)
+    np.testing.assert_array_equal(np.concatenate([p0, p1]), g)
+
+
+def test_epoch_covers_every_record_once(dataset):
+  index = ip.load_index(dataset, "train")
+  batches = _all_batches(index, _TaggingSampler(), 3, global_batch=8, seed=0)
+  rids = np.concatenate([b["rid"] for b in batches])
+  np.testing.assert_array_equal(np.sort(rids), np.arange(24))
+  # The next epoch is a different permutation of the same records.
+  nxt = _all_batches(index, _TaggingSampler(), 6, global_batch=8, seed=0)[3:]
+  rids2 = np.concatenate([b["rid"] for b in nxt])
+  np.testing.assert_array_equal(np.sort(rids2), np.arange(24))
+  assert not np.array_equal(rids, rids2)
+
+
+def test_iterator_state_restores_position(dataset):
+  index = ip.load_index(dataset, "train")
+  it = iter(ip.make_dataset(index, ip.FrameSampler(), global_batch=4, seed=1))
+  next(it)
+  state = it.get_state()
+  expected = [next(it)["image"] for _ in range(3)]
+  fresh = iter(ip.make_dataset(index, ip.FrameSampler(), global_batch=4, seed=1))
+  fresh.set_state(state)
+  for e in expected:
+    np.testing.assert_array_equal(next(fresh)["image"], e)
+
+
+def test_worker_processes_give_the_same_batches(dataset):
+  index = ip.load_index(dataset, "train")
+  a = _all_batches(index, ip.FrameSampler(), 2, global_batch=4, seed=2)
+  b = _all_batches(index, ip.FrameSampler(), 2, global_batch=4, seed=2, num_workers=2)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_incomplete_dataset_is_an_error(tmp_path):
+  d = fixtures.write_dataset(str(tmp_path), num_videos=2, frames=2, num_shards=2)
+  os.remove(os.path.join(d, "dataset_info.json"))
+  with pytest.raises(ip.DatasetError, match="no dataset_info.json"):
+    ip.load_index(d, "train")
+
+
+def test_missing_shard_and_split_are_errors(tmp_path):
+  d = fixtures.write_dataset(str(tmp_path), num_videos=2, frames=2, num_shards=2)
+  with pytest.raises(ip.DatasetError, match=r"no shards for split 'test'.*\['train'\]"):
+    ip.load_index(d, "test")
+  os.remove(os.path.join(d, "tiny-train.tfrecord-00001-of-00002"))
+  with pytest.raises(ip.DatasetError, match="expects 2 shards, found \\[0\\]"):
+    ip.load_index(d, "train", cache=False)
+
+
+def test_truncated_shard_is_an_error(tmp_path):
+  d = fixtures.write_dataset(str(tmp_path), num_videos=2, frames=2, num_shards=1)
+  shard = os.path.join(d, "tiny-train.tfrecord-00000-of-00001")
+  size = os.path.getsize(shard)
+  with open(shard, "r+b") as f:
+    f.truncate(size - 10)
+  with pytest.raises(ip.DatasetError, match="tiny-train.tfrecord-00000-of-00001: truncated"):
+    ip.load_index(d, "train", cache=False)
+
+
+def test_frame_sampler_rejects_clip_shards(tmp_path):
+  d = fixtures.write_dataset(str(tmp_path), num_videos=2, frames=4, num_shards=1, clip_len=2)
+  index = ip.load_index(d, "train")
+  assert set(index.num_frames) == {2}
+  with pytest.raises(ip.DatasetError, match="needs frame-mode shards"):
+    ip.make_dataset(index, ip.FrameSampler(), global_batch=2, seed=0)
+
+
+def test_too_few_records_for_a_batch_is_an_error(dataset):
+  index = ip.load_index(dataset, "train")
+  with pytest.raises(ip.DatasetError, match="no full global batch of 32"):
+    ip.make_dataset(index, ip.FrameSampler(), global_batch=32, seed=0)
+
+
+class _TaggingSampler(ip.FrameSampler):
+  """FrameSampler whose examples carry their record id (video * 4 + frame in the fixture)."""
+
+  def plan(self, index, rng, global_batch):
+    self._index = index
+    return super().plan(index, rng, global_batch)
+
+  def assemble(self, records, rng):
+    (r,) = records
+    v = int(r["video_id"][-3:])
+    return {"rid": np.int64(v * 4 + int(r["frame_indices"][0]))}
