@@ -205,8 +205,7 @@ def init_state(setup: Setup, config, sample_batch) -> TrainState:
   """Replicated initial state (identical on all hosts: same seed)."""
   rng = jax.random.key(config.seed)
   create = functools.partial(create_state, setup.method, setup.tx)
-  state = jax.jit(create)(rng, sample_batch)
-  return parallel.replicate(state, setup.mesh)
+  return jax.jit(create, out_shardings=parallel.replicated(setup.mesh))(rng, sample_batch)
 
 
 # ----------------------------------------------------------------------------------------------
