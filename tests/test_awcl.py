@@ -164,3 +164,128 @@ def test_sharded_equals_single_device_value_and_gradient():
                        text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.startswith("OK")
+
+
+# ----------------------------------------------------------------------------------------------
+# The AWCL method (ssl_us.methods.awcl) on hand-made host batches.
+
+
+def tiny_awcl_config(**awcl):
+  """configs/awcl_fetal.py with a 4-wide ConvNet4 on 16x16 and deterministic views."""
+  from configs import awcl_fetal
+  c = awcl_fetal.get_config()
+  c.image_size = (16, 16)
+  c.model.encoder = "convnet4"
+  c.model.encoder_kwargs = {"width": 4, "dropout_rate": 0.0, "pool": "avg"}
+  c.model.head_hidden = (8,)
+  c.model.head_out = 8
+  c.aug.update(crop_prob=0.0, flip_prob=0.0, color_prob=0.0)  # view = normalised frame
+  c.awcl.update(awcl)
+  return c
+
+
+def test_method_builds_the_configured_sampler():
+  from ssl_us.methods import make_method
+  from ssl_us.samplers_frames import AnatomySampler, SameVideoSampler
+  s = make_method(tiny_awcl_config(pairs="anatomy", granularity="coarse",
+                                   anatomy_ratio=0.3)).sampler
+  assert s == AnatomySampler(granularity="coarse", anatomy_ratio=0.3, unlabeled_every=8)
+  s = make_method(tiny_awcl_config(pairs="simclr")).sampler
+  assert isinstance(s, AnatomySampler) and s.anatomy_ratio == 0.0
+  s = make_method(tiny_awcl_config(pairs="clpi", clpi_group="patient")).sampler
+  assert s == SameVideoSampler(group="patient", every=8)
+  with pytest.raises(ValueError, match="config.awcl.pairs='moco'"):
+    make_method(tiny_awcl_config(pairs="moco"))
+
+
+def test_clpi_views_are_the_two_frames():
+  from ssl_us.methods import make_method
+  method = make_method(tiny_awcl_config(pairs="clpi"))
+  batch = {"image": np.zeros((2, 16, 16, 1), np.uint8),
+           "image_b": np.full((2, 16, 16, 1), 255, np.uint8), "anatomy": np.full(2, -1)}
+  v_a, v_b = method.views(batch, jax.random.key(0))
+  # (x / 255 - mean) / std with mean 0.5, std 0.25.
+  np.testing.assert_allclose(v_a, -2.0, atol=1e-5)
+  np.testing.assert_allclose(v_b, 2.0, atol=1e-5)
+
+
+def test_method_loss_uses_anatomy_labels():
+  from ssl_us.methods import make_method
+  method = make_method(tiny_awcl_config())
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (4, 16, 16, 1), dtype=np.uint8)
+  variables = method.init(jax.random.key(0), {"image": images})
+  params = variables["params"]
+
+  def run(labels):
+    batch = {"image": jnp.asarray(images), "anatomy": jnp.asarray(labels, jnp.int32)}
+    fn = jax.jit(jax.value_and_grad(method.loss, has_aux=True))
+    return fn(params, variables, batch, jax.random.key(1))
+
+  (l_none, (_, m_none)), _ = run([-1, -1, -1, -1])
+  (l_lab, (new_vars, m_lab)), grads = run([0, 0, 1, -1])
+  assert float(m_none["labeled_fraction"]) == 0.0 and float(m_lab["labeled_fraction"]) == 0.75
+  # Positives: 4 anchors of class 0 with 3, 2 of class 1 with 1, 2 unlabeled with 1 -> 16/8.
+  np.testing.assert_allclose(m_lab["awcl_num_positives"], 2.0)
+  assert abs(float(l_lab) - float(l_none)) > 1e-4
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  assert jax.tree.structure(new_vars["batch_stats"]) == jax.tree.structure(
+      variables["batch_stats"])
+
+
+_SHARDED_METHOD = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import PartitionSpec as P
+    from ssl_us import parallel
+    from ssl_us.methods import make_method
+    from tests.{module} import {config_fn} as tiny_config
+
+    mesh = parallel.make_mesh(8)
+    cfg = tiny_config()
+    cfg.aug.update(crop_prob=1.0, flip_prob=0.5, color_prob=0.8)  # random views, keyed per example
+    single, sharded = make_method(cfg), make_method(cfg, axis_name=parallel.DATA)
+    batch = {{k: jnp.asarray(v) for k, v in np.load(sys.argv[1]).items()}}
+    variables = single.init(jax.random.key(0), batch)
+    params, key = variables["params"], jax.random.key(3)
+
+    def loss_1(p):
+      return single.loss(p, variables, batch, key)[0]
+
+    def loss_8(p, b):
+      fn = jax.shard_map(lambda p, b: sharded.loss(p, variables, b, key)[0], mesh=mesh,
+                         in_specs=(P(), P(parallel.DATA)), out_specs=P())
+      return fn(p, b)
+
+    put = lambda x: jax.device_put(x, parallel.data_sharded(mesh))
+    v1, g1 = jax.jit(jax.value_and_grad(loss_1))(params)
+    v8, g8 = jax.jit(jax.value_and_grad(loss_8))(parallel.replicate(params, mesh),
+                                                 jax.tree.map(put, batch))
+    np.testing.assert_allclose(v8, v1, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)):
+      np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+    print("OK", float(v1))
+""")
+
+
+def run_sharded_method(module, config_fn, batch, tmp_path):
+  """Runs a method's loss on 8 fake devices and on one; asserts equal value and gradient."""
+  path = str(tmp_path / "batch.npz")
+  np.savez(path, **batch)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = _SHARDED_METHOD.format(module=module, config_fn=config_fn)
+  out = subprocess.run([sys.executable, "-c", script, path], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.startswith("OK")
+
+
+def test_sharded_method_equals_single_device(tmp_path):
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (16, 16, 16, 1), dtype=np.uint8),
+           "anatomy": np.array([0, 1, -1, 0, 2, -1, -1, 1, 0, -1, 2, -1, -1, -1, 1, -1],
+                               np.int32)}
+  run_sharded_method("test_awcl", "tiny_awcl_config", batch, tmp_path)

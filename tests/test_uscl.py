@@ -131,3 +131,92 @@ def test_sharded_uscl_loss_equals_single_device():
                        text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.startswith("OK")
+
+
+# ----------------------------------------------------------------------------------------------
+# The USCL method (ssl_us.methods.uscl) on hand-made host batches.
+
+
+def tiny_uscl_config(**uscl_fields):
+  """configs/uscl.py with a 4-wide ConvNet4 on 16x16 and deterministic augmentations."""
+  from configs import uscl as uscl_config
+  c = uscl_config.get_config()
+  c.image_size = (16, 16)
+  c.model.encoder = "convnet4"
+  c.model.encoder_kwargs = {"width": 4, "dropout_rate": 0.0, "pool": "avg"}
+  c.model.head_hidden = (8,)
+  c.model.head_out = 8
+  c.aug.update(crop_prob=0.0, flip_prob=0.0, color_prob=0.0)  # view = normalised mixed frame
+  c.uscl.update(uscl_fields)
+  return c
+
+
+def _three_frame_batch(n=4, labels=None, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"frames": rng.integers(0, 256, (n, 3, 16, 16, 1), dtype=np.uint8),
+          "label": np.asarray(labels if labels is not None else [-1] * n, np.int32)}
+
+
+def test_views_mix_anchor_with_each_neighbour():
+  from ssl_us.methods import make_method
+  frames = np.zeros((2, 3, 16, 16, 1), np.uint8)
+  frames[:, 0], frames[:, 1], frames[:, 2] = 0, 200, 100
+  batch = {"frames": jnp.asarray(frames), "label": jnp.array([-1, -1])}
+  # Beta(1000, 1000): lambda = 0.5 +- 0.011, so view 1 ~ 100 and view 2 ~ 150 (of 255).
+  method = make_method(tiny_uscl_config(alpha=1000.0, beta=1000.0))
+  v_a, v_b = method.views(batch, jax.random.key(0))
+  to_units = lambda v: (np.asarray(v) * 0.25 + 0.5) * 255
+  np.testing.assert_allclose(to_units(v_a), 100.0, atol=10)
+  np.testing.assert_allclose(to_units(v_b), 150.0, atol=10)
+  # Beta(1e4, 1e-4): lambda = 1, both views are the anchor f2.
+  v_a, v_b = make_method(tiny_uscl_config(alpha=1e4, beta=1e-4)).views(batch, jax.random.key(0))
+  np.testing.assert_allclose(to_units(v_a), 200.0, atol=1e-3)
+  np.testing.assert_allclose(to_units(v_b), 200.0, atol=1e-3)
+
+
+def test_one_forward_pass_for_both_views():
+  from ssl_us.methods import make_method
+  method = make_method(tiny_uscl_config(num_classes=3))
+  batch = _three_frame_batch(labels=[0, -1, 2, 1])
+  variables = method.init(jax.random.key(0), batch)
+  assert variables["params"]["classifier"]["kernel"].shape == (8, 3)
+  calls = []
+  forward = method.forward
+
+  def counting_forward(params, variables, x, rng):
+    calls.append(x.shape)
+    return forward(params, variables, x, rng)
+
+  method.forward = counting_forward
+  jax.eval_shape(lambda p: method.loss(p, variables, batch, jax.random.key(1)),
+                 variables["params"])
+  assert calls == [(8, 16, 16, 1)]  # 2 views x 4 videos, once
+
+
+def test_method_ce_term_zero_without_labels_and_positive_with():
+  from ssl_us.methods import make_method
+  method = make_method(tiny_uscl_config())
+  batch = _three_frame_batch()
+  variables = method.init(jax.random.key(0), batch)
+  fn = jax.jit(jax.value_and_grad(method.loss, has_aux=True))
+  (loss, (_, metrics)), grads = fn(variables["params"], variables, batch, jax.random.key(1))
+  assert float(metrics["ce_loss"]) == 0.0 and float(metrics["num_labeled"]) == 0.0
+  np.testing.assert_allclose(loss, metrics["contrastive_loss"], rtol=1e-6)
+  np.testing.assert_array_equal(grads["classifier"]["kernel"], 0.0)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  batch["label"] = np.array([0, -1, 2, -1], np.int32)
+  (loss, (_, metrics)), grads = fn(variables["params"], variables, batch, jax.random.key(1))
+  assert float(metrics["num_labeled"]) == 2.0 and float(metrics["ce_loss"]) > 0
+  np.testing.assert_allclose(loss, metrics["contrastive_loss"] + 0.2 * metrics["ce_loss"],
+                             rtol=1e-6)
+  assert float(jnp.abs(grads["classifier"]["kernel"]).max()) > 0
+  module, enc_vars = method.encoder(variables)
+  h = module.apply(enc_vars, jnp.zeros((2, 16, 16, 1)), train=False)
+  assert h.shape == (2, 8)
+
+
+def test_sharded_method_equals_single_device(tmp_path):
+  from tests.test_awcl import run_sharded_method
+  batch = _three_frame_batch(n=16, labels=[0, -1, 2, -1, -1, 1, -1, -1,
+                                           -1, -1, -1, 0, -1, -1, 2, -1])
+  run_sharded_method("test_uscl", "tiny_uscl_config", batch, tmp_path)
