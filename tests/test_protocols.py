@@ -1,0 +1,176 @@
+"""Protocols: blocks, masks, frozen parameters and statistics unchanged, trainable ones changed."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssl_us import augment, models
+from ssl_us.eval import protocols as P
+
+HW = 16
+AUG = augment.AugmentConfig(out_size=(HW, HW), crop_scale=(0.5, 1.0), color_prob=0.0)
+
+
+def _toy(n=24, seed=0):
+  """Class 1: bright square in the upper half; class 0: in the lower half (uint8 images)."""
+  rng = np.random.default_rng(seed)
+  x = rng.integers(0, 40, (n, HW, HW, 1)).astype(np.uint8)
+  y = np.arange(n) % 2
+  for i in range(n):
+    r = 2 if y[i] else 10
+    x[i, r:r + 4, 6:10] = 230
+  return x, y
+
+
+def _resnet():
+  """A 3-stage, one-block-per-stage ResNet (stem + 3 blocks): ResNet-18's code, faster jit."""
+  return models.ResNet(stage_sizes=(1, 1, 1), block_cls=models.ResNetBlock, num_filters=4,
+                       small_stem=True)
+
+
+def fake_init(encoder, example, seed):
+  """Encoder variables from shapes alone, numpy-random (XLA-compiling flax init is slow on CPU).
+
+  Kernels ~ N(0, 1 / fan_in), BatchNorm scale 1, biases 0, running mean 0 and variance 1.
+  """
+  shapes = jax.eval_shape(lambda: encoder.init(jax.random.key(0), example, train=False))
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, s):
+    name = path[-1].key
+    if name == "kernel":
+      return jnp.asarray(rng.normal(0, 1 / np.sqrt(np.prod(s.shape[:-1])), s.shape), s.dtype)
+    return jnp.full(s.shape, 1.0 if name in ("scale", "var") else 0.0, s.dtype)
+  v = jax.tree_util.tree_map_with_path(leaf, shapes)
+  return {k: v[k] for k in ("params", "batch_stats") if k in v}
+
+
+def _setup(encoder, seed=0, head_hidden=()):
+  x, y = _toy()
+  example = jnp.zeros((1, HW, HW, 1))
+  enc_vars = fake_init(encoder, example, seed)
+  model = P.Classifier(encoder, num_classes=2, head_hidden=head_hidden)
+  variables = P.init_variables(model, enc_vars, example, jax.random.key(seed + 1))
+  blocks = P.encoder_blocks(encoder, enc_vars, example)
+  return model, variables, blocks, x, y
+
+
+def _leaves(tree):
+  return {jax.tree_util.keystr(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_encoder_blocks_resnet_and_convnet():
+  _, _, blocks, _, _ = _setup(_resnet())
+  assert blocks == [("conv_init", "bn_init")] + [(f"ResNetBlock_{i}",) for i in range(3)]
+  r18 = models.make_encoder("resnet18", num_filters=2, small_stem=True)
+  r18_vars = fake_init(r18, jnp.zeros((1, 8, 8, 1)), 0)
+  assert P.encoder_blocks(r18, r18_vars, jnp.zeros((1, 8, 8, 1))) == (
+      [("conv_init", "bn_init")] + [(f"ResNetBlock_{i}",) for i in range(8)])
+  _, _, blocks, _, _ = _setup(models.make_encoder("convnet4", width=4))
+  assert blocks == [("Conv_0", "BatchNorm_0"), ("Conv_1", "BatchNorm_1"),
+                    ("Conv_2", "BatchNorm_2"), ("Conv_3", "BatchNorm_3", "Dropout_0")]
+
+
+def test_trainable_names_per_protocol():
+  blocks = [("stem", "bn"), ("b0",), ("b1",), ("b2",)]
+  assert P.trainable_encoder_names(blocks, P.get_protocol("linear"), 3) == frozenset()
+  assert P.trainable_encoder_names(blocks, P.get_protocol("random_features"), 3) == frozenset()
+  assert P.trainable_encoder_names(blocks, P.get_protocol("last_k"), 3) == {"b0", "b1", "b2"}
+  assert P.trainable_encoder_names(blocks, P.get_protocol("last_k"), 4) == {"stem", "bn", "b0",
+                                                                           "b1", "b2"}
+  assert P.trainable_encoder_names(blocks, P.get_protocol("finetune"), 1) == {"stem", "bn", "b0",
+                                                                             "b1", "b2"}
+  with pytest.raises(ValueError, match="last_k=5 but the encoder has 4 blocks"):
+    P.trainable_encoder_names(blocks, P.get_protocol("last_k"), 5)
+  with pytest.raises(ValueError, match="unknown protocol"):
+    P.get_protocol("probe")
+
+
+def test_count_trainable_linear_head_is_d_times_c_plus_c():
+  model, variables, blocks, _, _ = _setup(_resnet())
+  d = 4 * 4   # width 4, three stages -> 16 features
+  assert P.count_trainable(variables["params"], frozenset()) == d * 2 + 2
+  everything = sum(np.size(v) for v in jax.tree.leaves(variables["params"]))
+  assert P.count_trainable(variables["params"], frozenset(n for b in blocks for n in b)) == everything
+
+
+def test_freeze_interceptor_makes_training_mode_equal_evaluation_mode():
+  model, variables, blocks, x, _ = _setup(_resnet())
+  # Non-trivial running statistics, so that batch and running statistics differ.
+  variables = dict(variables, batch_stats=jax.tree.map(lambda s: s + 0.3,
+                                                       variables["batch_stats"]))
+  xf = augment.center_view(jnp.asarray(x[:8]), AUG)
+  all_names = frozenset(n for b in blocks for n in b)
+  eval_logits = model.apply(variables, xf, train=False)
+  train_logits, _ = model.apply(variables, xf, train=True, mutable=["batch_stats"])
+  assert not np.allclose(eval_logits, train_logits, atol=1e-4)
+  with nn.intercept_methods(P.freeze_interceptor(all_names)):
+    frozen_logits, new = model.apply(variables, xf, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(frozen_logits, eval_logits, rtol=1e-5, atol=1e-5)
+  for k, v in _leaves(new["batch_stats"]).items():
+    np.testing.assert_array_equal(v, _leaves(variables["batch_stats"])[k])
+
+
+def test_linear_probe_leaves_encoder_unchanged_and_equals_head_on_features():
+  model, variables, blocks, x, y = _setup(_resnet())
+  cfg = P.FitConfig(steps=30, batch_size=8, lr=1e-2)
+  new, losses = P.fit(model, variables, x, y, P.get_protocol("linear"), cfg, AUG, blocks)
+  before, after = _leaves(variables), _leaves(new)
+  assert before.keys() == after.keys()
+  changed = {k for k in before if not np.array_equal(before[k], after[k])}
+  assert changed and all("'head'" in k for k in changed)
+  assert losses.shape == (30,) and losses[-5:].mean() < losses[:5].mean()
+  # The probe trained on precomputed features is the full model in evaluation mode.
+  feats = P.features(model.encoder, {k: v["encoder"] for k, v in new.items()}, x, AUG)
+  head = P.Head(2)
+  probs_from_feats = jax.nn.softmax(head.apply({"params": new["params"]["head"]}, feats))
+  np.testing.assert_allclose(P.predict(model, new, x, AUG), probs_from_feats, rtol=1e-5,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("protocol,k", [("last_k", 2), ("finetune", 0)])
+def test_only_the_trainable_blocks_change(protocol, k):
+  """last_k: the last k blocks' parameters and statistics change, nothing else; finetune: all."""
+  model, variables, blocks, x, y = _setup(_resnet())
+  cfg = P.FitConfig(steps=2, batch_size=8, lr=1e-2, last_k=k)
+  new, _ = P.fit(model, variables, x, y, P.get_protocol(protocol), cfg, AUG, blocks)
+  trainable = {n for b in (blocks[-k:] if k else blocks) for n in b}
+  for coll in ("params", "batch_stats"):
+    before, after = _leaves(variables[coll]), _leaves(new[coll])
+    for key, v in before.items():
+      top, sub = key.split("'")[1], key.split("'")[3]
+      same = np.array_equal(v, after[key])
+      if top == "encoder" and sub not in trainable:
+        assert same, f"frozen {coll}{key} changed"
+      elif key.endswith("['kernel']") or coll == "batch_stats":
+        assert not same, f"trainable {coll}{key} did not change"
+
+
+def test_supervised_convnet_learns_the_toy_task():
+  model, variables, blocks, x, y = _setup(models.make_encoder("convnet4", width=4,
+                                                              dropout_rate=0.1))
+  aug = augment.AugmentConfig(out_size=(HW, HW), crop_prob=0.0, flip_prob=0.0, color_prob=0.0)
+  cfg = P.FitConfig(steps=60, batch_size=12, lr=3e-3)
+  new, _ = P.fit(model, variables, x, y, P.get_protocol("supervised"), cfg, aug, blocks)
+  xt, yt = _toy(n=16, seed=1)
+  acc = np.mean(P.predict(model, new, xt, aug).argmax(1) == yt)
+  assert acc == 1.0
+
+
+def test_class_weights_and_batches():
+  np.testing.assert_allclose(P.class_weights(np.array([0, 0, 0, 1]), 3, True),
+                             [4 / 9, 4 / 3, 0])
+  np.testing.assert_allclose(P.class_weights(np.array([0, 1]), 2, False), [1, 1])
+  it = P.batch_indices(5, 4, np.random.default_rng(0))
+  stream = np.concatenate([next(it) for _ in range(5)])    # 20 = 4 epochs of 5
+  for e in range(4):
+    np.testing.assert_array_equal(np.sort(stream[5 * e:5 * e + 5]), np.arange(5))
+
+
+def test_weighted_xent_hand_computed():
+  logits = jnp.array([[0., 0.], [jnp.log(3.), 0.]])
+  # CE: log 2 and log(4/3) for label 0; weights 2 (class 0) and 1 (class 1).
+  got = jax.jit(P.weighted_xent)(logits, jnp.array([0, 1]), jnp.array([2., 1.]))
+  np.testing.assert_allclose(got, (2 * np.log(2) + np.log(4)) / 3, rtol=1e-6)
