@@ -95,6 +95,9 @@ def parser() -> argparse.ArgumentParser:
                  "builds); required with --num_tasks > 1")
   g.add_argument("--keep_patient_id", action="store_true",
                  help="store raw patient ids instead of salted hashes")
+  g.add_argument("--keep_uids", action="store_true",
+                 help="keep file/folder names shaped like DICOM UIDs (default: replaced by "
+                 "'uid-<salted hash>' in video_id, source, metadata and the report)")
   g = p.add_argument_group("output")
   g.add_argument("--output", required=True,
                  help="output folder; the dataset is <output>/<name>/<version>/")

@@ -41,6 +41,7 @@ class BuildConfig:
   seed: int = 0
   salt: str = ""
   keep_patient_id: bool = False
+  keep_uids: bool = False
   num_workers: int = -1                     # -1 = one per CPU core; 0 = in this process
   task_index: int = 0
   num_tasks: int = 1
@@ -78,6 +79,10 @@ class BuildConfig:
       raise ValueError(f"--input {self.input}: no such file or folder")
     if os.path.isfile(self.input) and not self.input.lower().endswith(".csv"):
       raise ValueError(f"--input {self.input}: a file input must be a manifest .csv")
+    if os.path.isdir(self.input) and os.path.commonpath([self.input, self.dataset_dir]) == (
+        self.input):
+      raise ValueError(f"--output {self.output} is inside --input {self.input}: the output "
+                       "would be read as input; pick an output folder outside it")
     if self.root and not os.path.isdir(self.root):
       raise ValueError(f"--root {self.root}: not a folder")
     if self.frame_labels and not os.path.isfile(self.frame_labels):
@@ -97,9 +102,9 @@ class BuildConfig:
     if self.num_tasks < 1 or not 0 <= self.task_index < self.num_tasks:
       raise ValueError(f"--task_index {self.task_index} / --num_tasks {self.num_tasks}: need "
                        "0 <= task_index < num_tasks")
-    if self.num_tasks > 1 and not self.salt and not self.keep_patient_id:
-      raise ValueError("--num_tasks > 1 needs --salt (or --keep_patient_id) so that every "
-                       "task hashes patient ids the same way")
+    if self.num_tasks > 1 and not self.salt:
+      raise ValueError("--num_tasks > 1 needs --salt so that every task hashes patient ids and "
+                       "UIDs the same way")
     if not self.shard_mb > 0 or not self.buffer_mb > 0:
       raise ValueError("--shard_mb and --buffer_mb must be > 0")
     if self.region_samples < 1:

@@ -28,6 +28,10 @@ Rules that fill what the manifest leaves empty (and all of it for a folder):
   ``parent``, the folder that holds the file, or ``none`` (the default for a manifest). A file
   directly in the root gets no label.
 
+Privacy: patient ids are hashed (``hash_patient``) unless asked otherwise, and file or folder
+names shaped like DICOM UIDs are replaced by a salted hash (``redact_uids``) in what is written
+(video_id, source, metadata values, the report) unless ``keep_uids``.
+
 Frame labels (a CSV with ``video_id, frame_index, anatomy_coarse, anatomy_fine``; an empty cell
 is no label) give per-frame anatomy classes; their ids index the sorted name vocabularies.
 """
@@ -55,6 +59,7 @@ _IDENTIFIER_WORDS = re.compile(
 _IDENTIFIER_TOKENS = re.compile(
     r"(^|_)(name|dob|mrn|ssn|uid|first_?name|last_?name|given_?name|family_?name|full_?name|"
     r"study_?date|series_?date|acquisition_?date|content_?date|study_?time|operator)(_|$)")
+_UID = re.compile(r"(?<![\w.])[0-2](?:\.\d+){4,}(?=$|[^\w.]|\.[A-Za-z])")
 FRAME_LABEL_COLUMNS = ("video_id", "frame_index")
 ANATOMY_COLUMNS = ("anatomy_coarse", "anatomy_fine")
 
@@ -116,6 +121,33 @@ def label_ids(labels: tuple | None, indices) -> tuple[list[int], list[int]]:
 def hash_patient(patient_id: str, salt: bytes) -> str:
   """Salted, keyed hash of a patient id: 16 hex chars of HMAC-SHA256(salt, id)."""
   return hmac.new(salt, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+
+
+def redact_uids(text: str, salt: bytes) -> str:
+  """``text`` with every DICOM-UID-shaped part (>= 5 dot-separated numbers, the first 0, 1 or
+  2, >= 10 characters; e.g. a file named by its SOPInstanceUID) replaced by 'uid-<hash>'."""
+  def sub(m):
+    uid = m.group(0)
+    return f"uid-{hash_patient(uid, salt)}" if len(uid) >= 10 else uid
+  return _UID.sub(sub, text)
+
+
+def redact_entry(entry: Entry, salt: bytes) -> Entry:
+  """The entry with UIDs redacted from what reaches the records: video_id, source, metadata."""
+  return dataclasses.replace(
+      entry, video_id=redact_uids(entry.video_id, salt), source=redact_uids(entry.source, salt),
+      metadata=tuple((k, redact_uids(v, salt)) for k, v in entry.metadata))
+
+
+def redact_tree(obj, salt: bytes):
+  """Every string in a JSON-like tree (dict keys included) through ``redact_uids``."""
+  if isinstance(obj, str):
+    return redact_uids(obj, salt)
+  if isinstance(obj, dict):
+    return {redact_tree(k, salt): redact_tree(v, salt) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [redact_tree(v, salt) for v in obj]
+  return obj
 
 
 def label_from_folder(source: str, rule: str) -> str:

@@ -94,9 +94,6 @@ def read_inputs(cfg: config_lib.BuildConfig) -> manifest.Inputs:
   """The input folder or manifest as entries (checked, patients filled in)."""
   rx = manifest.compile_patient_regex(cfg.patient_regex)
   if cfg.input_kind == "folder":
-    if os.path.commonpath([cfg.input, cfg.dataset_dir]) == cfg.input:
-      raise ValueError(f"--output {cfg.output} is inside --input {cfg.input}: the output would "
-                       "be read as input; pick an output folder outside it")
     inputs = manifest.folder_inputs(cfg.input, readers.is_supported, rx, cfg.resolved_label_rule)
   else:
     root = os.path.abspath(cfg.root) if cfg.root else os.path.dirname(cfg.input)
@@ -115,7 +112,7 @@ def decide_splits(cfg: config_lib.BuildConfig, entries: list[manifest.Entry]) ->
   """video_id -> split for usable entries: the manifest's, else patient-level and stratified."""
   usable = [e for e in entries if not e.reject]
   if usable and usable[0].split:
-    return {e.video_id: e.split for e in usable}
+    return {e.video_id: e.split for e in usable}  # a manifest split column, checked disjoint
   strata = splits_lib.patient_strata((e.patient_id, e.label) for e in usable)
   by_patient = splits_lib.assign_splits(strata, splits_lib.parse_fractions(cfg.splits), cfg.seed)
   return {e.video_id: by_patient[e.patient_id] for e in usable}
@@ -138,20 +135,25 @@ def prepare(cfg: config_lib.BuildConfig, salt: bytes) -> Prepared:
   label_names = tuple(sorted({e.label for e in inputs.entries} - {""}))
   label_id = {n: i for i, n in enumerate(label_names)}
   split_of = decide_splits(cfg, inputs.entries)
+  if any(e.split for e in inputs.entries) and cfg.splits != splits_lib.DEFAULT_SPLITS:
+    inputs.warnings.append(f"--splits {cfg.splits} not used: the manifest has a split column")
   usable = [e for e in inputs.entries if not e.reject]
   previews = preview_positions(len(usable), cfg.previews, cfg.random_previews, cfg.seed)
   jobs = []
   for pos, e in enumerate(usable):
+    written = e if cfg.keep_uids else manifest.redact_entry(e, salt)
     jobs.append(worker_lib.Job(
-        entry=e, split=split_of[e.video_id],
+        entry=written, split=split_of[e.video_id],
         patient=e.patient_id if cfg.keep_patient_id else manifest.hash_patient(e.patient_id, salt),
         label_id=label_id.get(e.label, -1),
         frame_labels=frame_labels.of_video(e.video_id) if frame_labels else None,
-        preview=worker_lib.preview_name(pos, e.video_id) if pos in previews else ""))
+        preview=worker_lib.preview_name(pos, written.video_id) if pos in previews else ""))
   h = hashlib.sha256()
   for e in inputs.entries:
     h.update(json.dumps([e.video_id, e.path, e.reject, split_of.get(e.video_id, ""),
                          e.label]).encode())
+  for j in jobs:
+    h.update(json.dumps([j.entry.video_id, j.patient]).encode())
   return Prepared(inputs=inputs, jobs=jobs, label_names=label_names,
                   coarse_names=frame_labels.coarse_names if frame_labels else (),
                   fine_names=frame_labels.fine_names if frame_labels else (),
@@ -275,7 +277,8 @@ class Tracker:
 
 
 def resolve_workers(num_workers: int) -> int:
-  return os.cpu_count() or 1 if num_workers < 0 else num_workers
+  """--num_workers: -1 = one per CPU core, 0 = in this process."""
+  return (os.cpu_count() or 1) if num_workers < 0 else num_workers
 
 
 def run_in_process(wcfg: worker_lib.WorkerConfig, jobs, tracker: Tracker) -> None:
@@ -511,7 +514,7 @@ def execute_merge_plan(plan: dict, work: WorkDir, dataset_dir: str) -> None:
           os.remove(src)
 
 
-def merge(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir) -> dict:
+def merge(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir, salt: bytes) -> dict:
   """Check that every input is accounted for, make the shards, report, metadata; finish."""
   missing_tasks = [t for t in range(cfg.num_tasks)
                    if not os.path.exists(os.path.join(work.tasks, task_file(t, cfg.num_tasks)))]
@@ -540,6 +543,8 @@ def merge(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir) -> dict:
     with open(os.path.join(work.tasks, task_file(t, cfg.num_tasks)), encoding="utf-8") as f:
       tasks.append(json.load(f))
   report = report_lib.make_report(cfg, prep, final, plan, tasks)
+  if not cfg.keep_uids:
+    report = manifest.redact_tree(report, salt)
   report_dir = os.path.join(cfg.dataset_dir, REPORT)
   os.makedirs(report_dir, exist_ok=True)
   writer_lib.write_json_atomic(os.path.join(report_dir, "report.json"), report)
@@ -608,11 +613,11 @@ def build(input, output, **options) -> dict:  # pylint: disable=redefined-builti
                      "to replace it, or choose another --output/--name/--version")
   work = WorkDir(os.path.join(cfg.dataset_dir, WORK))
   work.make()
-  salt = b"" if cfg.keep_patient_id else resolve_salt(cfg, work)
+  salt = resolve_salt(cfg, work)
   prep = prepare(cfg, salt)
   check_work_config(cfg, work, salt, prep.digest)
   if not cfg.merge:
     summary = run_task(cfg, prep, work)
     if cfg.num_tasks > 1:
       return summary
-  return merge(cfg, prep, work)
+  return merge(cfg, prep, work, salt)

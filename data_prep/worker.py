@@ -191,7 +191,7 @@ class Worker:
       info = self._probe(e.path)
       audit.update(kind=info.kind, fps=info.fps, num_frames=info.num_frames,
                    height=info.height, width=info.width, input_bytes=source_bytes(e.path))
-      groups = self._plan(info)
+      groups = sampling.plan(self.cfg.sampling, info.num_frames, info.fps)
       piece = self._piece(job.split)
       piece.mark()
       audit.update(self._write(job, info, groups, piece))
@@ -228,12 +228,6 @@ class Worker:
                        f"than --min_size {self.cfg.min_size}")
     return info
 
-  def _plan(self, info: readers.VideoInfo) -> list[sampling.Group]:
-    groups = sampling.plan(self.cfg.sampling, info.num_frames, info.fps)
-    if not groups:
-      raise VideoError("no_records", f"{info.path}: the sampling mode selects no frames")
-    return groups
-
   def _piece(self, split: str) -> writer_lib.ShardWriter:
     if split not in self._pieces:
       path = os.path.join(self.cfg.pieces_dir, f"{split}.{self.name}-{self._seq:05d}.tfrecord")
@@ -251,8 +245,6 @@ class Worker:
     records, nbytes = piece.commit()
     self.journal.append({"event": "piece", "piece": os.path.basename(piece.path), "split": split,
                          "records": records, "bytes": nbytes, "videos": videos})
-    self.emit({"msg": "commit", "worker": self.index,
-               "video_ids": [v["video_id"] for v in videos]})
 
   def _region(self, path: str, info, needed: list[int]):
     """(region, sample frames, frames iterator) for one video; see the module docstring."""

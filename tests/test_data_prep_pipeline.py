@@ -7,6 +7,7 @@ import collections
 import glob
 import json
 import os
+import re
 
 import av
 import numpy as np
@@ -183,7 +184,8 @@ def test_folder_build_reads_back_with_tf_data_and_tfds(tmp_path):
 
 def test_manifest_clips_privacy_frame_labels_and_strict(tmp_path):
   src, out = tmp_path / "in", str(tmp_path / "out")
-  lengths = {"v0": 20, "v1": 5, "v2": 16, "v3": 9}
+  uid = "1.2.840.113619.2.55.3.6046"  # a file named by its DICOM UID
+  lengths = {"v0": 20, "v1": 5, "v2": 16, uid: 9}
   for i, (vid, n) in enumerate(lengths.items()):
     write_video(str(src / f"{vid}.mp4"), n, seed=i)
   (src / "m.csv").write_text(
@@ -191,7 +193,7 @@ def test_manifest_clips_privacy_frame_labels_and_strict(tmp_path):
       "v0.mp4,v0,Doe^John-7431,b_lines,T1,train,Doe^John,Doe^John-7431,C5-2\n"
       "v1.mp4,v1,Doe^John-7431,b_lines,T2,train,Doe^John,Doe^John-7431,C5-2\n"
       "v2.mp4,v2,Roe^Jane-9921,normal,T1,val,Roe^Jane,Roe^Jane-9921,C3-1\n"
-      "v3.mp4,v3,Poe^Ed-5550,,T1,test,Poe^Ed,Poe^Ed-5550,C3-1\n")
+      f"{uid}.mp4,v3,Poe^Ed-5550,,T1,test,Poe^Ed,Poe^Ed-5550,C3-1\n")
   (src / "fl.csv").write_text("video_id,frame_index,anatomy_coarse,anatomy_fine\n"
                               "v0,2,pleura,a_lines\nv0,9,rib_shadow,\nv1,4,pleura,b_lines\n")
   report = pipeline.build(str(src / "m.csv"), out, clip_len=4, clip_stride=2,
@@ -220,11 +222,13 @@ def test_manifest_clips_privacy_frame_labels_and_strict(tmp_path):
   assert got["v1"] == [("train", (0, 2, 4, 1), 1, (-1, -1, 0, -1), (-1, -1, 1, -1))]
   assert [g[1] for g in got["v2"]] == [(0, 2, 4, 6), (7, 9, 11, 13)]
   assert [g[:3] for g in got["v3"]] == [("test", (0, 2, 4, 6), 0)]
+  sources = {r["video_id"]: r["source"] for _, _, r in records}
+  assert sources["v0"] == "v0.mp4" and re.fullmatch(r"uid-[0-9a-f]{16}\.mp4", sources["v3"])
   # no raw patient id or name anywhere in the dataset directory
   for path in glob.glob(os.path.join(ddir, "**", "*"), recursive=True):
     if os.path.isfile(path):
       data = open(path, "rb").read()
-      for secret in (b"Doe^John", b"Roe^Jane", b"Poe^Ed", b"7431", b"9921"):
+      for secret in (b"Doe^John", b"Roe^Jane", b"Poe^Ed", b"7431", b"9921", b"113619"):
         assert secret not in data, (path, secret)
   # --strict stops at a rejected video and leaves no finished-looking directory
   (src / "m2.csv").write_text("path,patient_id\nv0.mp4,a\nbroken.mp4,b\n")

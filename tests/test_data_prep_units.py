@@ -297,6 +297,24 @@ def test_patient_hash_is_salted_and_hides_the_id():
   assert h != manifest.hash_patient("blues_p11", b"salt-a")
 
 
+def test_uid_shaped_names_are_replaced_by_a_salted_hash():
+  uid = "1.2.840.113619.2.55.3.604688119"
+  h = manifest.hash_patient(uid, b"k")
+  assert manifest.redact_uids(f"study/{uid}/IM0001.dcm", b"k") == f"study/uid-{h}/IM0001.dcm"
+  assert manifest.redact_uids(f"{uid}.dcm", b"k") == f"uid-{h}.dcm"
+  assert manifest.redact_uids(f"a {uid}", b"k") == f"a uid-{h}"
+  for kept in ("v1.0.0.1.2/clip.mp4", "1.0.0.mp4", "1.2.3.4.5.mp4", "3.1.2.3.4.5.6.mp4",
+               "patient_12_L1.mp4", f"{uid}5x"):
+    assert manifest.redact_uids(kept, b"k") == kept
+  e = manifest.Entry(path=f"/d/{uid}.dcm", source=f"{uid}.dcm", video_id=f"{uid}.dcm",
+                     patient_id="p", metadata=(("series", uid), ("n", "3")))
+  r = manifest.redact_entry(e, b"k")
+  assert (r.source, r.video_id, r.metadata, r.path) == (
+      f"uid-{h}.dcm", f"uid-{h}.dcm", (("series", f"uid-{h}"), ("n", "3")), e.path)
+  assert manifest.redact_tree({uid: [uid, 3, {"x": uid}]}, b"k") == {
+      f"uid-{h}": [f"uid-{h}", 3, {"x": f"uid-{h}"}]}
+
+
 # ------------------------------------------------------------------------------------ writer
 
 def test_shard_writer_bytes_equal_tensorflows_and_rollback_removes_a_video(tmp_path):
@@ -333,7 +351,8 @@ def test_encode_png_is_lossless():
 # ----------------------------------------------------------------------------------- options
 
 def test_config_checks_options(tmp_path):
-  inp = str(tmp_path)
+  inp = str(tmp_path / "in")
+  os.makedirs(inp)
   cfg = config_lib.BuildConfig.create(inp, tmp_path / "out", size=[96], fps=3,
                                       drop_columns="a, b")
   assert cfg.size == (96, 96) and cfg.sampling.mode == "fps" and cfg.drop_columns == ("a", "b")
@@ -342,6 +361,7 @@ def test_config_checks_options(tmp_path):
   assert config_lib.BuildConfig.create(inp, "o").sampling.mode == "all"
   assert "s3cret" not in str(config_lib.BuildConfig.create(inp, "o", salt="s3cret").public_args())
   bad = [(dict(fps=3, every=2), "mutually exclusive"), (dict(num_tasks=2), "--salt"),
+         (dict(num_tasks=2, keep_patient_id=True), "--salt"),
          (dict(task_index=2, num_tasks=2, salt="s"), "task_index"),
          (dict(size=(1, 2, 3)), "--size"), (dict(name="a-b"), "--name"),
          (dict(label_rule="folder"), "--label_rule"), (dict(splits="train=2"), "--splits")]
@@ -352,3 +372,8 @@ def test_config_checks_options(tmp_path):
     config_lib.BuildConfig.create(inp, "o", frame_rate=3)
   with pytest.raises(ValueError, match="no such file"):
     config_lib.BuildConfig.create(str(tmp_path / "nope"), "o")
+  with pytest.raises(ValueError, match="is inside --input"):
+    config_lib.BuildConfig.create(inp, tmp_path / "in" / "out")
+  with pytest.raises(ValueError, match="manifest .csv"):
+    (tmp_path / "list.txt").write_text("a.mp4\n")
+    config_lib.BuildConfig.create(str(tmp_path / "list.txt"), "o")
