@@ -318,7 +318,7 @@ def _encoder_variables(variables):
   return {k: v[ENCODER] for k, v in variables.items() if ENCODER in v}
 
 
-def _batched(fn: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
+def batched_apply(fn: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
   """fn over fixed-size batches of x (the last one padded by repetition), concatenated."""
   n = len(x)
   if n == 0:
@@ -338,7 +338,7 @@ def features(encoder: nn.Module, encoder_variables, images, aug: augment.Augment
   """Frozen features (N, D) of uint8 images/clips: center view, evaluation mode."""
   fn = jax.jit(lambda x: encoder.apply(encoder_variables, augment.center_view(x, aug),
                                        train=False))
-  return _batched(fn, np.asarray(images), batch_size)
+  return batched_apply(fn, np.asarray(images), batch_size)
 
 
 def predict(model: Classifier, variables, images, aug: augment.AugmentConfig,
@@ -346,7 +346,7 @@ def predict(model: Classifier, variables, images, aug: augment.AugmentConfig,
   """Class probabilities (N, C) of uint8 images/clips (center view, evaluation mode)."""
   fn = jax.jit(lambda x: jax.nn.softmax(
       model.apply(variables, augment.center_view(x, aug), train=False)))
-  return _batched(fn, np.asarray(images), batch_size)
+  return batched_apply(fn, np.asarray(images), batch_size)
 
 
 def count_trainable(params, trainable: frozenset[str]) -> int:
