@@ -30,7 +30,7 @@ Rules that fill what the manifest leaves empty (and all of it for a folder):
 
 Privacy: patient ids are hashed (``hash_patient``) unless asked otherwise, and file or folder
 names shaped like DICOM UIDs are replaced by a salted hash (``redact_uids``) in what is written
-(video_id, source, metadata values, the report) unless ``keep_uids``.
+(video_id, source, label, exam, side, metadata values, the report) unless ``keep_uids``.
 
 Frame labels (a CSV with ``video_id, frame_index, anatomy_coarse, anatomy_fine``; an empty cell
 is no label) give per-frame anatomy classes; their ids index the sorted name vocabularies.
@@ -133,10 +133,12 @@ def redact_uids(text: str, salt: bytes) -> str:
 
 
 def redact_entry(entry: Entry, salt: bytes) -> Entry:
-  """The entry with UIDs redacted from what reaches the records: video_id, source, metadata."""
+  """The entry with UIDs redacted from every field that reaches the records."""
+  r = lambda text: redact_uids(text, salt)  # pylint: disable=unnecessary-lambda-assignment
   return dataclasses.replace(
-      entry, video_id=redact_uids(entry.video_id, salt), source=redact_uids(entry.source, salt),
-      metadata=tuple((k, redact_uids(v, salt)) for k, v in entry.metadata))
+      entry, video_id=r(entry.video_id), source=r(entry.source), patient_id=r(entry.patient_id),
+      label=r(entry.label), exam=r(entry.exam), side=r(entry.side),
+      metadata=tuple((k, r(v)) for k, v in entry.metadata))
 
 
 def redact_tree(obj, salt: bytes):

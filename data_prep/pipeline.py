@@ -132,28 +132,28 @@ def prepare(cfg: config_lib.BuildConfig, salt: bytes) -> Prepared:
   frame_labels = manifest.read_frame_labels(cfg.frame_labels) if cfg.frame_labels else None
   if frame_labels is not None:
     manifest.check_frame_labels(frame_labels, inputs.entries)
+  labels_of = [frame_labels.of_video(e.video_id) if frame_labels else None
+               for e in inputs.entries]  # by the ids the frame-label CSV uses
+  if not cfg.keep_uids:
+    inputs.entries = [manifest.redact_entry(e, salt) for e in inputs.entries]
   label_names = tuple(sorted({e.label for e in inputs.entries} - {""}))
   label_id = {n: i for i, n in enumerate(label_names)}
   split_of = decide_splits(cfg, inputs.entries)
   if any(e.split for e in inputs.entries) and cfg.splits != splits_lib.DEFAULT_SPLITS:
     inputs.warnings.append(f"--splits {cfg.splits} not used: the manifest has a split column")
-  usable = [e for e in inputs.entries if not e.reject]
+  usable = [(e, fl) for e, fl in zip(inputs.entries, labels_of) if not e.reject]
   previews = preview_positions(len(usable), cfg.previews, cfg.random_previews, cfg.seed)
   jobs = []
-  for pos, e in enumerate(usable):
-    written = e if cfg.keep_uids else manifest.redact_entry(e, salt)
+  for pos, (e, fl) in enumerate(usable):
     jobs.append(worker_lib.Job(
-        entry=written, split=split_of[e.video_id],
+        entry=e, split=split_of[e.video_id],
         patient=e.patient_id if cfg.keep_patient_id else manifest.hash_patient(e.patient_id, salt),
-        label_id=label_id.get(e.label, -1),
-        frame_labels=frame_labels.of_video(e.video_id) if frame_labels else None,
-        preview=worker_lib.preview_name(pos, written.video_id) if pos in previews else ""))
+        label_id=label_id.get(e.label, -1), frame_labels=fl,
+        preview=worker_lib.preview_name(pos, e.video_id) if pos in previews else ""))
   h = hashlib.sha256()
   for e in inputs.entries:
     h.update(json.dumps([e.video_id, e.path, e.reject, split_of.get(e.video_id, ""),
                          e.label]).encode())
-  for j in jobs:
-    h.update(json.dumps([j.entry.video_id, j.patient]).encode())
   return Prepared(inputs=inputs, jobs=jobs, label_names=label_names,
                   coarse_names=frame_labels.coarse_names if frame_labels else (),
                   fine_names=frame_labels.fine_names if frame_labels else (),
@@ -424,11 +424,11 @@ def run_task(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir) -> dict
       buffer_bytes=int(cfg.buffer_mb * 2**20))
   os.makedirs(wcfg.preview_dir, exist_ok=True)
   tracker = Tracker(len(mine), len(mine) - len(todo), cfg.progress, cfg.strict)
+  num_workers = min(resolve_workers(cfg.num_workers), len(todo))
   try:
-    num_workers = min(resolve_workers(cfg.num_workers), len(todo))
-    if num_workers == 0:
+    if todo and num_workers == 0:
       run_in_process(wcfg, todo, tracker)
-    else:
+    elif todo:
       run_in_workers(wcfg, todo, num_workers, tracker)
   finally:
     tracker.close()

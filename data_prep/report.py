@@ -2,9 +2,9 @@
 
 ``report.json`` (in ``<dataset_dir>/report/``) holds ``counts`` (inputs, written, rejected,
 ignored, records, bytes), ``rejected_by_reason``, ``splits`` (videos, patients, records, shards,
-bytes, videos per label), ``files`` (one row per input in input order: written with its record
-count, frames, bytes, scan-area box, or rejected with reason and message), ``ignored`` (folder
-files that are not videos), ``dropped_columns``, ``warnings``, ``tasks`` (per task: the
+bytes, videos per label), ``files`` (one row per input in input order: written with its shard,
+record count, frames, bytes, scan-area box, or rejected with reason and message), ``ignored``
+(folder files that are not videos), ``dropped_columns``, ``warnings``, ``tasks`` (per task: the
 invocation that finished it, with videos per minute and MB/s) and ``args``. ``summary.txt`` is
 the human version; ``python -m data_prep`` prints it.
 """
@@ -17,11 +17,15 @@ _MB = 2**20
 _MAX_LISTED = 20
 
 
-def _file_row(entry, audit: dict | None) -> dict:
+def _file_row(entry, audit: dict | None, shard_of: dict[str, str]) -> dict:
+  """The report row of one input: its audit, with the final shard instead of the piece."""
   if audit is None:
     return {"video_id": entry.video_id, "source": entry.source, "split": "",
             "status": "rejected", "reason": entry.reject, "message": entry.reject_message}
-  return dict(audit)
+  row = dict(audit)
+  if "piece" in row:
+    row["shard"] = shard_of[row.pop("piece")]
+  return row
 
 
 def split_totals(prep, final: dict, plan: dict) -> dict:
@@ -39,7 +43,9 @@ def split_totals(prep, final: dict, plan: dict) -> dict:
 
 def make_report(cfg, prep, final: dict, plan: dict, tasks: list[dict]) -> dict:
   """The report dict of a finished merge (see the module docstring)."""
-  files = [_file_row(e, None if e.reject else final[e.video_id]) for e in prep.inputs.entries]
+  shard_of = {p: s["shard"] for shards in plan.values() for s in shards for p in s["pieces"]}
+  files = [_file_row(e, None if e.reject else final[e.video_id], shard_of)
+           for e in prep.inputs.entries]
   written = [f for f in files if f["status"] == "written"]
   rejected = [f for f in files if f["status"] == "rejected"]
   warnings = list(prep.inputs.warnings)

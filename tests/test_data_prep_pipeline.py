@@ -240,6 +240,25 @@ def test_manifest_clips_privacy_frame_labels_and_strict(tmp_path):
   assert not os.path.exists(os.path.join(out2, "ultrasound", "1.0.0", "dataset_info.json"))
 
 
+def test_dicom_uid_names_never_reach_the_output(tmp_path):
+  src, out = tmp_path / "in", str(tmp_path / "out")
+  uid = "1.2.826.0.1.3680043.8.498.1234567"
+  write_video(str(src / uid / "IM_0001.mp4"), 4, seed=1)
+  write_video(str(src / "plain" / "clip.mp4"), 4, seed=2)
+  report = pipeline.build(str(src), out, size=16, min_size=16, num_workers=0, progress=False,
+                          splits="train=1.0")
+  assert report["counts"]["written"] == 2
+  assert sorted(f["source"] for f in report["files"])[0] == "plain/clip.mp4"
+  assert re.fullmatch(r"uid-[0-9a-f]{16}/IM_0001\.mp4",
+                      sorted(f["source"] for f in report["files"])[1])
+  ddir = os.path.join(out, "ultrasound", "1.0.0")
+  assert {r["source"] for _, _, r in read_records(ddir)} == {f["source"] for f in report["files"]}
+  for path in glob.glob(os.path.join(ddir, "**", "*"), recursive=True):
+    assert "3680043" not in os.path.basename(path)
+    if os.path.isfile(path):
+      assert b"3680043" not in open(path, "rb").read(), path
+
+
 def test_tasks_then_merge_and_two_pass_decoding_equal_one_run(tmp_path):
   src = str(tmp_path / "in")
   make_folder(src, frames=(6, 7, 8, 6, 7, 8))

@@ -309,8 +309,8 @@ def test_uid_shaped_names_are_replaced_by_a_salted_hash():
   e = manifest.Entry(path=f"/d/{uid}.dcm", source=f"{uid}.dcm", video_id=f"{uid}.dcm",
                      patient_id="p", metadata=(("series", uid), ("n", "3")))
   r = manifest.redact_entry(e, b"k")
-  assert (r.source, r.video_id, r.metadata, r.path) == (
-      f"uid-{h}.dcm", f"uid-{h}.dcm", (("series", f"uid-{h}"), ("n", "3")), e.path)
+  assert (r.source, r.video_id, r.metadata, r.path, r.patient_id) == (
+      f"uid-{h}.dcm", f"uid-{h}.dcm", (("series", f"uid-{h}"), ("n", "3")), e.path, "p")
   assert manifest.redact_tree({uid: [uid, 3, {"x": uid}]}, b"k") == {
       f"uid-{h}": [f"uid-{h}", 3, {"x": f"uid-{h}"}]}
 
