@@ -115,3 +115,34 @@ def test_summarize_mean_std_per_group():
   out = metrics.summarize(rows, ["acc"], by=["p", "f"])
   assert out[0] == dict(p="a", f=.1, n=2, acc_mean=pytest.approx(.6), acc_std=pytest.approx(.1))
   assert out[1]["n"] == 1 and out[1]["acc_std"] == 0
+
+
+def test_knn_by_hand_and_against_sklearn():
+  from sklearn.neighbors import KNeighborsClassifier
+  from ssl_us.eval import embeddings
+  train = np.array([[1., 0.], [2., .1], [0., 1.], [.1, 3.], [-1., 0.]])
+  y = np.array([0, 0, 1, 1, 2])
+  test = np.array([[1., .05], [.2, 1.], [-1., .2]])
+  # k=1: the nearest in angle. k=3: [1, .05] -> both class-0 points + one class-1 -> 0;
+  # [.2, 1] -> both class-1 points + (2, .1) -> 1; [-1, .2] -> (-1, 0), then both class-1
+  # points (cos .20, .16) beat the class-0 ones (cos < 0) -> 1.
+  np.testing.assert_array_equal(embeddings.knn_predict(train, y, test, 1, 3), [0, 1, 2])
+  np.testing.assert_array_equal(embeddings.knn_predict(train, y, test, 3, 3), [0, 1, 1])
+  rng = np.random.default_rng(0)
+  f = rng.normal(size=(60, 5))
+  lab = (f[:, 0] > 0).astype(int)
+  g = rng.normal(size=(20, 5))
+  sk = KNeighborsClassifier(5, metric="cosine", algorithm="brute").fit(f, lab).predict(g)
+  np.testing.assert_array_equal(embeddings.knn_predict(f, lab, g, 5, 2), sk)
+
+
+def test_knn_cv_separable_features_and_tsne_shape():
+  from ssl_us.eval import embeddings
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(2), 20)
+  groups = np.repeat(np.arange(10), 4)     # patient = 4 records of one class
+  feats = np.eye(2)[labels] * 5 + rng.normal(0, .5, (40, 2))
+  mean, std = embeddings.knn_accuracy_cv(feats, labels, groups, k=5, folds=5)
+  assert mean == 1.0 and std == 0.0
+  xy = embeddings.tsne(feats, perplexity=5)
+  assert xy.shape == (40, 2) and np.all(np.isfinite(xy))

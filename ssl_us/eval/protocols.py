@@ -25,6 +25,7 @@ computed once in evaluation mode (the deterministic center view), which is the s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Iterator, Sequence
 
 import flax.linen as nn
@@ -138,9 +139,11 @@ def trainable_mask(params, trainable: frozenset[str]):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def masked_optimizer(tx: optax.GradientTransformation, mask) -> optax.GradientTransformation:
-  """``tx`` on leaves where mask is True, zero updates elsewhere."""
-  labels = jax.tree.map(lambda m: "train" if m else "frozen", mask)
+def masked_optimizer(tx: optax.GradientTransformation,
+                     mask_fn: Callable) -> optax.GradientTransformation:
+  """``tx`` on the leaves where ``mask_fn(params)`` is True, zero updates elsewhere."""
+  def labels(params):
+    return jax.tree.map(lambda m: "train" if m else "frozen", mask_fn(params))
   return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
@@ -235,41 +238,56 @@ def init_variables(model: Classifier, encoder_variables, example, key):
   return variables
 
 
-def _fit_head(model: Classifier, variables, feats, labels, weights, cfg: FitConfig):
-  """Adam on the head alone over precomputed features (N, D); encoder variables untouched."""
-  head = Head(model.num_classes, tuple(model.head_hidden))
+def _step_key(cfg: FitConfig) -> FitConfig:
+  """The part of a FitConfig a compiled step depends on (not the seed)."""
+  return dataclasses.replace(cfg, seed=0)
+
+
+@functools.lru_cache(maxsize=16)
+def _head_step(head: Head, cfg: FitConfig):
+  """(tx, jitted step) for the head alone; cached so that folds and seeds reuse the compile."""
   tx = make_tx(cfg)
-  head_params = variables["params"][HEAD]
-  opt_state = tx.init(head_params)
 
   @jax.jit
-  def step(p, s, x, y):
+  def step(p, s, x, y, weights):
     loss, g = jax.value_and_grad(lambda p: weighted_xent(head.apply({"params": p}, x), y,
                                                          weights))(p)
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s, loss
 
+  return tx, step
+
+
+def fit_head(model: Classifier, variables, feats, labels, cfg: FitConfig):
+  """AdamW on the head alone over precomputed features (N, D); encoder variables untouched.
+
+  Returns (variables, per-step losses).
+  """
+  labels = np.asarray(labels, np.int32)
+  weights = jnp.asarray(class_weights(labels, model.num_classes, cfg.class_balanced))
+  feats = np.asarray(feats)
+  tx, step = _head_step(Head(model.num_classes, tuple(model.head_hidden)), _step_key(cfg))
+  head_params = variables["params"][HEAD]
+  opt_state = tx.init(head_params)
   rng = np.random.default_rng(cfg.seed)
   losses = []
   for _, idx in zip(range(cfg.steps), batch_indices(len(feats), cfg.batch_size, rng)):
-    head_params, opt_state, loss = step(head_params, opt_state, feats[idx], labels[idx])
+    head_params, opt_state, loss = step(head_params, opt_state, feats[idx], labels[idx],
+                                        weights)
     losses.append(loss)
   params = dict(variables["params"], **{HEAD: head_params})
   return dict(variables, params=params), np.asarray(jax.device_get(losses))
 
 
-def _fit_end_to_end(model: Classifier, variables, images, labels, weights, trainable,
-                    all_names, cfg: FitConfig, aug: augment.AugmentConfig):
-  """Masked AdamW on the whole classifier with on-device augmentation."""
-  tx = masked_optimizer(make_tx(cfg), trainable_mask(variables["params"], trainable))
-  frozen = frozenset(all_names) - trainable
+@functools.lru_cache(maxsize=16)
+def _end_to_end_step(model: Classifier, cfg: FitConfig, aug: augment.AugmentConfig,
+                     trainable: frozenset[str], frozen: frozenset[str]):
+  """(tx, jitted step): masked AdamW, on-device augmentation, frozen BatchNorm; cached."""
+  tx = masked_optimizer(make_tx(cfg), functools.partial(trainable_mask, trainable=trainable))
   interceptor = freeze_interceptor(frozen)
-  params = variables["params"]
-  batch_stats = variables.get("batch_stats", {})
-  opt_state = tx.init(params)
 
   @jax.jit
-  def step(params, batch_stats, opt_state, x, y, key):
+  def step(params, batch_stats, opt_state, x, y, weights, key):
     k_aug, k_drop = jax.random.split(key)
     x = augment.augment_batch(k_aug, x, aug)
 
@@ -283,17 +301,7 @@ def _fit_end_to_end(model: Classifier, variables, images, labels, weights, train
     u, opt_state = tx.update(g, opt_state, params)
     return optax.apply_updates(params, u), new_stats, opt_state, loss
 
-  rng = np.random.default_rng(cfg.seed)
-  key = jax.random.key(cfg.seed)
-  losses = []
-  for i, idx in zip(range(cfg.steps), batch_indices(len(images), cfg.batch_size, rng)):
-    params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, images[idx],
-                                                labels[idx], jax.random.fold_in(key, i))
-    losses.append(loss)
-  out = {"params": params}
-  if batch_stats:
-    out["batch_stats"] = batch_stats
-  return out, np.asarray(jax.device_get(losses))
+  return tx, step
 
 
 def fit(model: Classifier, variables, images, labels, protocol: Protocol, cfg: FitConfig,
@@ -302,19 +310,32 @@ def fit(model: Classifier, variables, images, labels, protocol: Protocol, cfg: F
 
   Returns (variables, per-step losses). ``blocks`` = ``encoder_blocks`` of the encoder.
   """
-  labels = np.asarray(labels, np.int32)
-  weights = jnp.asarray(class_weights(labels, model.num_classes, cfg.class_balanced))
   trainable = trainable_encoder_names(blocks, protocol, cfg.last_k)
   if not trainable:
-    feats = features(model.encoder, _encoder_variables(variables), images, aug,
-                     cfg.batch_size)
-    return _fit_head(model, variables, feats, labels, weights, cfg)
-  all_names = [n for b in blocks for n in b]
-  return _fit_end_to_end(model, variables, images, labels, weights, trainable, all_names, cfg,
-                         aug)
+    feats = features(model.encoder, encoder_variables(variables), images, aug, cfg.batch_size)
+    return fit_head(model, variables, feats, labels, cfg)
+  labels = np.asarray(labels, np.int32)
+  weights = jnp.asarray(class_weights(labels, model.num_classes, cfg.class_balanced))
+  frozen = frozenset(n for b in blocks for n in b) - trainable
+  tx, step = _end_to_end_step(model, _step_key(cfg), aug, trainable, frozen)
+  params = variables["params"]
+  batch_stats = variables.get("batch_stats", {})
+  opt_state = tx.init(params)
+  rng = np.random.default_rng(cfg.seed)
+  key = jax.random.key(cfg.seed)
+  losses = []
+  for i, idx in zip(range(cfg.steps), batch_indices(len(images), cfg.batch_size, rng)):
+    params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, images[idx],
+                                                labels[idx], weights, jax.random.fold_in(key, i))
+    losses.append(loss)
+  out = {"params": params}
+  if batch_stats:
+    out["batch_stats"] = batch_stats
+  return out, np.asarray(jax.device_get(losses))
 
 
-def _encoder_variables(variables):
+def encoder_variables(variables):
+  """The encoder's part of classifier variables: {'params': ..., 'batch_stats': ...}."""
   return {k: v[ENCODER] for k, v in variables.items() if ENCODER in v}
 
 
@@ -336,17 +357,31 @@ def batched_apply(fn: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
 def features(encoder: nn.Module, encoder_variables, images, aug: augment.AugmentConfig,
              batch_size: int = 64) -> np.ndarray:
   """Frozen features (N, D) of uint8 images/clips: center view, evaluation mode."""
-  fn = jax.jit(lambda x: encoder.apply(encoder_variables, augment.center_view(x, aug),
-                                       train=False))
-  return batched_apply(fn, np.asarray(images), batch_size)
+  fn = _apply_fn(encoder, aug, softmax=False)
+  return batched_apply(functools.partial(fn, encoder_variables), np.asarray(images), batch_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _apply_fn(module: nn.Module, aug: augment.AugmentConfig, softmax: bool):
+  """Jitted (variables, uint8 x) -> module output on the center view [softmax]; cached."""
+  def fn(v, x):
+    out = module.apply(v, augment.center_view(x, aug), train=False)
+    return jax.nn.softmax(out) if softmax else out
+  return jax.jit(fn)
+
+
+def predict_head(model: Classifier, variables, feats) -> np.ndarray:
+  """Class probabilities (N, C) from precomputed features (N, D)."""
+  head = Head(model.num_classes, tuple(model.head_hidden))
+  return np.asarray(jax.nn.softmax(head.apply({"params": variables["params"][HEAD]},
+                                              jnp.asarray(feats))))
 
 
 def predict(model: Classifier, variables, images, aug: augment.AugmentConfig,
             batch_size: int = 64) -> np.ndarray:
   """Class probabilities (N, C) of uint8 images/clips (center view, evaluation mode)."""
-  fn = jax.jit(lambda x: jax.nn.softmax(
-      model.apply(variables, augment.center_view(x, aug), train=False)))
-  return batched_apply(fn, np.asarray(images), batch_size)
+  fn = _apply_fn(model, aug, softmax=True)
+  return batched_apply(functools.partial(fn, variables), np.asarray(images), batch_size)
 
 
 def count_trainable(params, trainable: frozenset[str]) -> int:
@@ -358,8 +393,11 @@ def count_trainable(params, trainable: frozenset[str]) -> int:
 
 def random_encoder_variables(encoder: nn.Module, example, seed: int):
   """A fresh encoder init (the 'random' protocols), same architecture as the pretrained one."""
-  key = jax.random.key(seed)
-  v = jax.jit(lambda k, x: encoder.init({"params": k, "dropout": k}, x, train=False))(
-      key, example)
+  v = _init_fn(encoder)(jax.random.key(seed), example)
   return {k: v[k] for k in ("params", "batch_stats") if k in v}
+
+
+@functools.lru_cache(maxsize=16)
+def _init_fn(module: nn.Module):
+  return jax.jit(lambda k, x: module.init({"params": k, "dropout": k}, x, train=False))
 

@@ -31,7 +31,7 @@ import optax
 
 from ssl_us import augment
 from ssl_us.eval import metrics
-from ssl_us.eval.protocols import batch_indices
+from ssl_us.eval.protocols import batch_indices, batched_apply
 
 
 def _natural_key(s: str):
@@ -195,7 +195,7 @@ def fit_pair_classifier(feats, pairs: Pairs, cfg: PairFitConfig):
   w = _balanced_weights(pairs.label)
 
   @jax.jit
-  def step(params, opt_state, r, c, y, k):
+  def step(params, opt_state, feats, r, c, y, w, k):
     def loss_fn(p):
       logits = model.apply({"params": p}, feats[r], feats[c], train=True, rngs={"dropout": k})
       return _xent(logits, y, w)
@@ -205,18 +205,17 @@ def fit_pair_classifier(feats, pairs: Pairs, cfg: PairFitConfig):
 
   rng = np.random.default_rng(cfg.seed)
   for i, idx in zip(range(cfg.steps), batch_indices(len(pairs), cfg.batch_size, rng)):
-    params, opt_state, _ = step(params, opt_state, pairs.ref[idx], pairs.cand[idx],
-                                pairs.label[idx], jax.random.fold_in(key, i))
+    params, opt_state, _ = step(params, opt_state, feats, pairs.ref[idx], pairs.cand[idx],
+                                pairs.label[idx], w, jax.random.fold_in(key, i))
   return model, params
 
 
 def score_pair_classifier(model, params, feats, pairs: Pairs, batch_size: int = 1024):
   """P(positive) of every pair (P,)."""
   feats = jnp.asarray(feats)
-  fn = jax.jit(lambda r, c: jax.nn.softmax(model.apply({"params": params}, feats[r],
-                                                       feats[c]))[:, 1])
-  return np.concatenate([np.asarray(fn(pairs.ref[i:i + batch_size], pairs.cand[i:i + batch_size]))
-                         for i in range(0, len(pairs), batch_size)])
+  fn = jax.jit(lambda p, f, r, c: jax.nn.softmax(model.apply({"params": p}, f[r], f[c]))[:, 1])
+  idx = np.stack([pairs.ref, pairs.cand], 1)
+  return batched_apply(lambda rc: fn(params, feats, rc[:, 0], rc[:, 1]), idx, batch_size)
 
 
 def fit_siamese(encoder: nn.Module, images, pairs: Pairs, cfg: PairFitConfig,
@@ -232,7 +231,7 @@ def fit_siamese(encoder: nn.Module, images, pairs: Pairs, cfg: PairFitConfig,
   w = _balanced_weights(pairs.label)
 
   @jax.jit
-  def step(params, batch_stats, opt_state, xr, xc, y, k):
+  def step(params, batch_stats, opt_state, xr, xc, y, w, k):
     k1, k2, k3 = jax.random.split(k, 3)
     xr, xc = augment.augment_batch(k1, xr, aug), augment.augment_batch(k2, xc, aug)
 
@@ -249,7 +248,7 @@ def fit_siamese(encoder: nn.Module, images, pairs: Pairs, cfg: PairFitConfig,
   for i, idx in zip(range(cfg.steps), batch_indices(len(pairs), cfg.batch_size, rng)):
     params, batch_stats, opt_state, _ = step(
         params, batch_stats, opt_state, images[pairs.ref[idx]], images[pairs.cand[idx]],
-        pairs.label[idx], jax.random.fold_in(key, i))
+        pairs.label[idx], w, jax.random.fold_in(key, i))
   variables = {"params": params}
   if batch_stats:
     variables["batch_stats"] = batch_stats
@@ -259,10 +258,8 @@ def fit_siamese(encoder: nn.Module, images, pairs: Pairs, cfg: PairFitConfig,
 def score_siamese(model, variables, images, pairs: Pairs, aug: augment.AugmentConfig,
                   batch_size: int = 256):
   """P(positive) of every pair (P,), center views, evaluation mode."""
-  fn = jax.jit(lambda a, b: jax.nn.softmax(model.apply(
-      variables, augment.center_view(a, aug), augment.center_view(b, aug), train=False))[:, 1])
-  out = []
-  for i in range(0, len(pairs), batch_size):
-    r, c = pairs.ref[i:i + batch_size], pairs.cand[i:i + batch_size]
-    out.append(np.asarray(fn(images[r], images[c])))
-  return np.concatenate(out)
+  fn = jax.jit(lambda v, a, b: jax.nn.softmax(model.apply(
+      v, augment.center_view(a, aug), augment.center_view(b, aug), train=False))[:, 1])
+  idx = np.stack([pairs.ref, pairs.cand], 1)
+  return batched_apply(lambda rc: fn(variables, images[rc[:, 0]], images[rc[:, 1]]), idx,
+                       batch_size)

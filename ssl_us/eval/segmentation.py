@@ -18,6 +18,7 @@ images: global accuracy, mean per-class accuracy and mIoU.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -143,7 +144,7 @@ def fit(model: SegmentationModel, variables, images, masks, cfg: FitConfig,
   opt_state = tx.init(params)
 
   @jax.jit
-  def step(params, batch_stats, opt_state, x, m, key):
+  def step(params, batch_stats, opt_state, x, m, weights, key):
     k_flip, k_drop = jax.random.split(key)
     x, m = _flip(k_flip, augment.center_view(x, aug), m)
 
@@ -161,7 +162,7 @@ def fit(model: SegmentationModel, variables, images, masks, cfg: FitConfig,
   losses = []
   for i, idx in zip(range(cfg.steps), batch_indices(len(images), cfg.batch_size, rng)):
     params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, images[idx],
-                                                masks[idx], jax.random.fold_in(key, i))
+                                                masks[idx], weights, jax.random.fold_in(key, i))
     losses.append(loss)
   return ({"params": params, "batch_stats": batch_stats},
           np.asarray(jax.device_get(losses)))
@@ -170,9 +171,9 @@ def fit(model: SegmentationModel, variables, images, masks, cfg: FitConfig,
 def predict(model: SegmentationModel, variables, images, aug: augment.AugmentConfig,
             batch_size: int = 32) -> np.ndarray:
   """Predicted class ids (N, H, W) of uint8 images (center view, evaluation mode)."""
-  fn = jax.jit(lambda x: jnp.argmax(model.apply(variables, augment.center_view(x, aug),
-                                                train=False), axis=-1))
-  return batched_apply(fn, np.asarray(images), batch_size)
+  fn = jax.jit(lambda v, x: jnp.argmax(model.apply(v, augment.center_view(x, aug),
+                                                   train=False), axis=-1))
+  return batched_apply(functools.partial(fn, variables), np.asarray(images), batch_size)
 
 
 def evaluate(pred, masks, num_classes: int) -> dict[str, Any]:
