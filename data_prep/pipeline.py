@@ -23,8 +23,8 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing as mp
+from multiprocessing import connection as mp_connection
 import os
-import queue as queue_lib
 import re
 import secrets
 import shutil
@@ -298,7 +298,8 @@ def run_in_process(wcfg: worker_lib.WorkerConfig, jobs, tracker: Tracker) -> Non
 @dataclasses.dataclass
 class _Proc:
   proc: object
-  jobs: object
+  jobs: object                                             # Connection, main -> worker
+  results: object                                          # Connection, worker -> main
   sent: list = dataclasses.field(default_factory=list)     # video ids, in sending order
   done: dict = dataclasses.field(default_factory=dict)     # video id -> audit
   exited: bool = False
@@ -309,38 +310,46 @@ def run_in_workers(wcfg: worker_lib.WorkerConfig, jobs, num_workers: int, tracke
                    target=worker_lib.worker_process) -> None:
   """Jobs over worker processes (spawned: no forked decoder or TF state); see module doc.
 
-  Each worker has its own job queue with at most two jobs outstanding. ``target(cfg, index,
-  jobs, results)`` is the worker's entry point (a picklable module-level function).
+  Each worker has its own pair of pipes (jobs in, messages out; at most two jobs outstanding),
+  so a worker that dies cannot block the others, and its pipe's end of file says it died after
+  every message it sent. ``target(cfg, index, jobs, results)`` is the worker's entry point (a
+  picklable module-level function; see ``worker.worker_process``).
   """
   ctx = mp.get_context("spawn")
-  results = ctx.Queue()
   pending = collections.deque(jobs)
   by_id = {j.entry.video_id: j for j in jobs}
   procs: dict[int, _Proc] = {}
   main_journal = worker_lib.Journal(os.path.join(wcfg.journal_dir, f"{wcfg.prefix}-main.jsonl"))
 
   def start(index):
-    q = ctx.Queue()
-    p = ctx.Process(target=target, args=(wcfg, index, q, results), daemon=True)
+    jobs_out, jobs_in = ctx.Pipe(duplex=False)
+    results_out, results_in = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=target, args=(wcfg, index, jobs_out, results_in), daemon=True)
     p.start()
-    procs[index] = _Proc(p, q)
+    jobs_out.close()  # the child's ends: closing ours makes its death an end of file here
+    results_in.close()
+    procs[index] = _Proc(p, jobs_in, results_out)
 
   def feed():
-    for i, w in procs.items():
+    for w in procs.values():
       if w.exited or w.closing:
         continue
-      while pending and len(w.sent) - len(w.done) < 2:
-        job = pending.popleft()
-        w.sent.append(job.entry.video_id)
-        w.jobs.put(job)
-      if not pending:
-        w.jobs.put(None)
+      try:
+        while pending and len(w.sent) - len(w.done) < 2:
+          job = pending.popleft()
+          w.sent.append(job.entry.video_id)
+          w.jobs.send(job)
+        if not pending:
+          w.jobs.send(None)
+          w.closing = True
+      except BrokenPipeError:  # it died; its end of file comes next
         w.closing = True
 
   def died(index):
     """A worker that ended without 'exit': blame its current video, redo its uncommitted."""
     w = procs[index]
     w.exited = True
+    w.proc.join()
     path = os.path.join(wcfg.journal_dir, f"{wcfg.prefix}-w{index:03d}.jsonl")
     events = worker_lib.read_journal(path) if os.path.exists(path) else []
     committed, _ = outcomes([("", ev) for ev in events])
@@ -364,8 +373,8 @@ def run_in_workers(wcfg: worker_lib.WorkerConfig, jobs, num_workers: int, tracke
     if pending:
       start(max(procs) + 1)
 
-  def handle(msg):
-    w = procs[msg["worker"]]
+  def handle(index, msg):
+    w = procs[index]
     if msg["msg"] == "done":
       w.done[msg["audit"]["video_id"]] = msg["audit"]
       tracker.audit(msg["audit"])
@@ -373,37 +382,29 @@ def run_in_workers(wcfg: worker_lib.WorkerConfig, jobs, num_workers: int, tracke
       w.exited = True
       w.proc.join()
     elif msg["msg"] == "fatal":
-      raise BuildError(f"worker {msg['worker']} failed:\n{msg['error']}")
-
-  def drain():
-    """Handle every message already sent (a worker flushes its queue before it exits)."""
-    while True:
-      try:
-        handle(results.get(timeout=0.2))
-      except queue_lib.Empty:
-        return
+      raise BuildError(f"worker {index} failed:\n{msg['error']}")
 
   for i in range(num_workers):
     start(i)
   try:
     while any(not w.exited for w in procs.values()) and not tracker.failure:
       feed()
-      if any(not w.exited and w.proc.exitcode is not None for w in procs.values()):
-        drain()
-        for i, w in list(procs.items()):
-          if not w.exited and w.proc.exitcode is not None:
-            died(i)
-        continue
-      try:
-        handle(results.get(timeout=1.0))
-      except queue_lib.Empty:
-        continue
+      live = {w.results: i for i, w in procs.items() if not w.exited}
+      for conn in mp_connection.wait(list(live), timeout=1.0):
+        try:
+          msg = conn.recv()
+        except EOFError:
+          died(live[conn])
+          continue
+        handle(live[conn], msg)
   finally:
     main_journal.close()
     for w in procs.values():
       if w.proc.is_alive():
         w.proc.terminate()
       w.proc.join()
+      w.jobs.close()
+      w.results.close()
 
 
 def run_task(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir) -> dict:

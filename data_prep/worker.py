@@ -309,13 +309,14 @@ class Worker:
     return out
 
 def worker_process(cfg: WorkerConfig, index: int, jobs, results) -> None:
-  """Entry point of a worker process: jobs from ``jobs`` until None, messages to ``results``."""
+  """Entry point of a worker process: Job objects from the ``jobs`` connection until None,
+  messages (dicts) to the ``results`` connection; the last one is 'exit' or 'fatal'."""
   try:
-    worker = Worker(cfg, index, results.put)
-    while (job := jobs.get()) is not None:
+    worker = Worker(cfg, index, results.send)
+    while (job := jobs.recv()) is not None:
       worker.run(job)
     worker.close()
-    results.put({"msg": "exit", "worker": index})
+    results.send({"msg": "exit", "worker": index})
   except BaseException:  # report anything that stops the worker, then die
-    results.put({"msg": "fatal", "worker": index, "error": traceback.format_exc()})
+    results.send({"msg": "fatal", "worker": index, "error": traceback.format_exc()})
     raise

@@ -13,6 +13,7 @@ import av
 import numpy as np
 import pytest
 
+import data_prep
 from data_prep import cli
 from data_prep import pipeline
 from data_prep import readers
@@ -180,6 +181,10 @@ def test_folder_build_reads_back_with_tf_data_and_tfds(tmp_path):
   with pytest.raises(pipeline.BuildError, match="other options"):
     pipeline.build(src, out, every=2, size=32, patient_regex=REGEX, num_workers=0,
                    progress=False)
+  assert data_prep.require_complete(ddir) == ddir
+  again = pipeline.build(src, out, every=2, size=32, patient_regex=REGEX, num_workers=0,
+                         progress=False, overwrite=True)
+  assert again["counts"]["records"] == sum((n + 1) // 2 for n in videos.values())
 
 
 def test_manifest_clips_privacy_frame_labels_and_strict(tmp_path):

@@ -69,14 +69,14 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
 
 def crashing_worker(cfg, index, jobs, results):
   """worker_lib.worker_process, except that the process dies on the video crash.mp4."""
-  w = worker_lib.Worker(cfg, index, results.put)
-  while (job := jobs.get()) is not None:
+  w = worker_lib.Worker(cfg, index, results.send)
+  while (job := jobs.recv()) is not None:
     if job.entry.video_id == "crash.mp4":
       w.journal.append({"event": "start", "video_id": "crash.mp4"}, sync=False)
       os._exit(7)
     w.run(job)
   w.close()
-  results.put({"msg": "exit", "worker": index})
+  results.send({"msg": "exit", "worker": index})
 
 
 def test_worker_death_rejects_its_video_and_redoes_the_uncommitted(tmp_path):
@@ -93,7 +93,7 @@ def test_worker_death_rejects_its_video_and_redoes_the_uncommitted(tmp_path):
       prefix="t00000-a001", image_size=(16, 16), sampling=cfg.sampling, min_size=16,
       region_samples=4, shard_bytes=1 << 30, buffer_bytes=1 << 20)
   tracker = pipeline.Tracker(len(prep.jobs), 0, progress=False, strict=False)
-  pipeline.run_in_workers(wcfg, prep.jobs, 1, tracker, target=crashing_worker)
+  pipeline.run_in_workers(wcfg, prep.jobs, 2, tracker, target=crashing_worker)
   tracker.close()
   final, pieces = pipeline.outcomes(pipeline.read_events(work))
   assert {v: a["status"] for v, a in final.items()} == {
