@@ -141,13 +141,18 @@ def temporal_indices(key, num_frames: int, cfg: TemporalConfig):
   return idx, {"reversed": rev, "shuffled": n_shuf, "replaced": n_repl}
 
 
-def augment_video(key, clip, cfg: VideoAugmentConfig):
-  """One clip: uint8 (T, H, W, C) -> float32 (T, out_h, out_w, C); temporal, then spatial."""
+def augment_video_and_order(key, clip, cfg: VideoAugmentConfig):
+  """``augment_video`` plus what the temporal group did: (clip, idx (T,), temporal info)."""
   if clip.ndim != 4:
     raise ValueError(f"augment_video expects one clip (T, H, W, C); got shape {clip.shape}")
   k_t, k_s = jax.random.split(key)
-  idx, _ = temporal_indices(k_t, clip.shape[0], cfg.temporal)
-  return augment.augment_clip(k_s, clip[idx], cfg.spatial)
+  idx, info = temporal_indices(k_t, clip.shape[0], cfg.temporal)
+  return augment.augment_clip(k_s, clip[idx], cfg.spatial), idx, info
+
+
+def augment_video(key, clip, cfg: VideoAugmentConfig):
+  """One clip: uint8 (T, H, W, C) -> float32 (T, out_h, out_w, C); temporal, then spatial."""
+  return augment_video_and_order(key, clip, cfg)[0]
 
 
 def augment_video_batch(key, clips, cfg: VideoAugmentConfig, axis_name=None):

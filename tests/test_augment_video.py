@@ -192,3 +192,23 @@ def test_config_errors_name_the_key():
   assert cfg.spatial.out_size == (32, 32) and not cfg.temporal.enabled
   with pytest.raises(ValueError, match=r"one clip \(T, H, W, C\)"):
     av.augment_video(jax.random.key(0), jnp.zeros((2, 4, 8, 8, 1), jnp.uint8), cfg)
+
+
+def test_show_augment_grid_and_labels():
+  from ssl_us import show_augment
+  info = {"reversed": np.asarray([True, False]), "shuffled": np.asarray([2, 0]),
+          "replaced": np.asarray([1, 0])}
+  idx = np.asarray([[3, 1, 2, 2], [0, 1, 2, 3]])
+  assert show_augment.describe(idx, info, 0) == "reversed, shuffled 2, replaced 1: order 3 1 2 2"
+  assert show_augment.describe(idx, info, 1) == "shuffled 0, replaced 0: order 0 1 2 3"
+  frames = np.zeros((4, 8, 8, 1))
+  frames[2] = 1.0
+  img = np.asarray(show_augment.grid([("a", frames), ("b", frames)], zoom=2))
+  gap, label_h = show_augment.GAP, show_augment.LABEL_H
+  row_h = label_h + 16 + gap
+  assert img.shape == (gap + 2 * row_h, 320)                # 4 frames of 16 px < 320 px min
+  for r in range(2):
+    y = gap + r * row_h + label_h
+    for j in range(4):
+      x = gap + j * (16 + gap)
+      assert np.all(img[y:y + 16, x:x + 16] == (255 if j == 2 else 0))
