@@ -43,7 +43,8 @@ def parse_fractions(spec: str) -> dict[str, float]:
     try:
       frac = float(value)
     except ValueError:
-      raise ValueError(f"--splits {spec!r}: fraction {value!r} of {name!r} is not a number") from None
+      raise ValueError(f"--splits {spec!r}: fraction {value!r} of {name!r} is not a "
+                       "number") from None
     if not frac > 0:
       raise ValueError(f"--splits {spec!r}: fraction of {name!r} must be > 0 (omit the split "
                        "instead)")
