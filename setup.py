@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.4,<2",
     "matplotlib>=3.8,<4",
     "tqdm>=4.66,<5",
+    "google-crc32c>=1.5,<2",  # data_prep's TFRecord writer
 ]
 
 setup(
