@@ -1,4 +1,7 @@
-"""Protocols: blocks, masks, frozen parameters and statistics unchanged, trainable ones changed."""
+"""Protocols: blocks, masks, frozen parameters and statistics unchanged, trainable ones changed;
+encoders loaded from every pretraining method."""
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -174,3 +177,135 @@ def test_weighted_xent_hand_computed():
   # CE: log 2 and log(4/3) for label 0; weights 2 (class 0) and 1 (class 1).
   got = jax.jit(P.weighted_xent)(logits, jnp.array([0, 1]), jnp.array([2., 1.]))
   np.testing.assert_allclose(got, (2 * np.log(2) + np.log(4)) / 3, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading encoders from pretraining workdirs (ssl_us.finetune.load_encoder).
+
+import ml_collections  # noqa: E402
+
+from configs.finetune import base as finetune_base  # noqa: E402
+from ssl_us import checkpoint, finetune, parallel, train  # noqa: E402
+from tests import fixtures  # noqa: E402
+
+_TINY_CONVNET = {"width": 4, "dropout_rate": 0.0, "pool": "avg"}
+
+
+def _pretrain_config(method, data_dir):
+  """One step of ``method`` from its own config file, shrunk to a 4-wide encoder on 16x16."""
+  from configs import awcl_fetal, byol_lung, simclr_muscle, uscl
+  c = {"simclr": lambda: simclr_muscle.get_config("runlocal"), "awcl": awcl_fetal.get_config,
+       "uscl": uscl.get_config, "byol": lambda: byol_lung.get_config("runlocal")}[method]()
+  c.data.dir = data_dir
+  c.data.num_workers = 0
+  c.image_size = (16, 16)
+  c.batch_size = 4
+  c.num_steps = 1
+  c.num_epochs = 0
+  c.ckpt_every = 1
+  c.log_every = 1
+  c.progress_bar = False
+  c.model.head_hidden = (8,)
+  c.model.head_out = 8
+  if method == "byol":
+    c.model.encoder = "r3d18"
+    c.model.encoder_kwargs = ml_collections.ConfigDict(dict(
+        num_filters=2, stage_sizes=(1, 1), temporal_strides=(1, 2), small_stem=True))
+    c.byol.predictor_hidden = (8,)
+    c.clips.update(clip_len=4)
+  else:
+    c.model.encoder = "convnet4"
+    c.model.encoder_kwargs = ml_collections.ConfigDict(_TINY_CONVNET)
+  if method == "uscl":
+    c.uscl.num_classes = 2
+  return c
+
+
+def _save_initial_checkpoint(config, workdir):
+  """A pretraining workdir as train_and_evaluate writes it, holding the initial state (no
+  training step, so no train-step compile), with every parameter shifted by 0.5 so that the
+  parameters differ from the init-time copies (BYOL's EMA target)."""
+  from ssl_us import input_pipeline
+  setup = train.build(config, parallel.make_mesh(1))
+  os.makedirs(workdir)
+  checkpoint.save_config(workdir, setup.config)
+  sample = next(iter(input_pipeline.make_dataset(
+      setup.index, setup.method.sampler, global_batch=config.batch_size, seed=config.seed,
+      process_index=0, process_count=1, num_workers=0)))
+  checkpoint.save_batch_spec(workdir, sample)
+  state = train.init_state(setup, setup.config, sample)
+  state = state.replace(params=jax.tree.map(lambda p: p + 0.5, state.params))
+  manager = checkpoint.make_manager(workdir, setup.config)
+  checkpoint.save(manager, 1, state, iter(train.make_input(setup, setup.config)))
+  manager.wait_until_finished()
+  manager.close()
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+  """One pretraining workdir per method (frames for the 2D methods, clips for BYOL)."""
+  root = tmp_path_factory.mktemp("pretrain")
+  frames = fixtures.write_dataset(str(root / "frames"), num_videos=8, frames=4)
+  clips = fixtures.write_dataset(str(root / "clips"), num_videos=8, frames=8, clip_len=4)
+  out = {}
+  for method in ("simclr", "awcl", "uscl", "byol"):
+    out[method] = str(root / method)
+    _save_initial_checkpoint(_pretrain_config(method, clips if method == "byol" else frames),
+                             out[method])
+  return out
+
+
+def _ft_config(init_from, name="", kwargs=None):
+  c = finetune_base.base_config()
+  c.init_from = init_from
+  c.encoder.name = name
+  c.encoder.kwargs = ml_collections.ConfigDict(kwargs or {})
+  return c
+
+
+@pytest.mark.parametrize("method", ["simclr", "awcl", "uscl", "byol"])
+def test_load_encoder_from_each_method(workdirs, method):
+  wd = workdirs[method]
+  example = jnp.zeros((1, 4, 16, 16, 1) if method == "byol" else (1, 16, 16, 1))
+  module, variables, description = finetune.load_encoder(_ft_config(wd), example)
+  assert method in description and wd in description
+  _, _, full = checkpoint.load_variables(wd)
+  for k, v in _leaves(full["params"]["encoder"]).items():   # heads dropped, encoder kept
+    np.testing.assert_array_equal(_leaves(variables["params"])[k], v)
+  if method == "byol":   # the online encoder, not the EMA target
+    target = _leaves(full["target"]["params"]["encoder"])
+    assert any(not np.array_equal(target[k], v) for k, v in _leaves(variables["params"]).items())
+  # The loaded encoder runs and feeds a classifier (blocks found, features finite).
+  blocks = P.encoder_blocks(module, variables, example)
+  assert len(blocks) >= 3
+  h = module.apply(variables, example, train=False)
+  assert h.ndim == 2 and np.all(np.isfinite(h))
+
+
+def test_architecture_mismatch_is_a_clear_error(workdirs):
+  wd = workdirs["simclr"]
+  example = jnp.zeros((1, 16, 16, 1))
+  # The same architecture named in the config passes.
+  finetune.load_encoder(_ft_config(wd, "convnet4", _TINY_CONVNET), example)
+  with pytest.raises(ValueError, match=r"does not match config.encoder .* 12 parameter diff"):
+    finetune.load_encoder(_ft_config(wd, "convnet4", dict(_TINY_CONVNET, width=8)), example)
+  with pytest.raises(ValueError, match="does not match"):
+    finetune.load_encoder(_ft_config(wd, "resnet18", {"num_filters": 4}), example)
+  with pytest.raises(FileNotFoundError, match="no checkpoint at step 5"):
+    c = _ft_config(wd)
+    c.step = 5
+    finetune.load_encoder(c, example)
+
+
+def test_random_init_is_the_same_code_path(workdirs):
+  example = jnp.zeros((1, 16, 16, 1))
+  module, variables, description = finetune.load_encoder(
+      _ft_config("random", "convnet4", _TINY_CONVNET), example)
+  assert description.startswith("random init")
+  _, pre_vars, _ = finetune.load_encoder(_ft_config(workdirs["simclr"]), example)
+  assert jax.tree.structure(variables) == jax.tree.structure(pre_vars)
+  assert P.encoder_blocks(module, variables, example) == [
+      ("Conv_0", "BatchNorm_0"), ("Conv_1", "BatchNorm_1"), ("Conv_2", "BatchNorm_2"),
+      ("Conv_3", "BatchNorm_3", "Dropout_0")]
+  with pytest.raises(ValueError, match="needs config.encoder.name"):
+    finetune.load_encoder(_ft_config("random"), example)

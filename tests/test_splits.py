@@ -97,3 +97,47 @@ def test_unlabelled_records_are_an_error():
     splits.group_kfold(["a", "b", "c"], [0, -1, 1], 2)
   with pytest.raises(ValueError, match="cannot split 2 patients"):
     splits.group_kfold(["a", "b"], [0, 1], 3)
+
+
+def test_finetune_classify_cross_validates_by_patient(tmp_path):
+  """`python -m ssl_us.finetune` classify on a tiny dataset: every record is tested exactly once
+  per (protocol, fraction), label fractions count whole patients, outputs are written."""
+  import csv
+  import os
+
+  import ml_collections
+
+  from configs.finetune import covid_blues
+  from ssl_us import finetune
+  from tests import fixtures
+  data = fixtures.write_dataset(str(tmp_path / "d"), num_videos=12, frames=3)   # 6 patients
+  c = covid_blues.get_config()
+  c.init_from = "random"
+  c.encoder.name = "convnet4"
+  c.encoder.kwargs = ml_collections.ConfigDict({"width": 2, "pool": "avg"})
+  c.data.dir = data
+  c.image_size = (16, 16)
+  c.eval.update(positive_label="vertical", protocols=("random_features", "supervised"),
+                fractions=(0.5, 1.0), folds=3, seeds=(0,))
+  c.fit.update(steps=1, batch_size=4)
+  c.fit_head.update(steps=2)
+  c.output_dir = str(tmp_path / "out")
+  out = finetune.run(c)
+  with open(out["runs"]) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 3 * 2 * 2 * 2     # folds x fractions x protocols x levels
+  for proto in ("random_features", "supervised"):
+    for frac in ("0.5", "1.0"):
+      sel = [r for r in rows if r["protocol"] == proto and r["fraction"] == frac]
+      frames = sum(int(r["n_test"]) for r in sel if r["level"] == "frame")
+      videos = sum(int(r["n_test"]) for r in sel if r["level"] == "video")
+      assert (frames, videos) == (36, 12)
+      # 4 training patients per fold; patient labels are all 0 (ties): round(.5 * 4) = 2.
+      assert {int(r["train_patients"]) for r in sel} == ({2} if frac == "0.5" else {4})
+  linear = [r for r in rows if r["protocol"] == "random_features"]
+  assert {int(r["trainable_params"]) for r in linear} == {4 * 2 + 2}   # 4-d features, 2 classes
+  for key in ("summary", "markdown", "plot_frame", "plot_video"):
+    assert os.path.getsize(out[key]) > 0
+  with open(out["markdown"]) as f:
+    md = f.read()
+  assert "Random feature extractor" in md and "Fully supervised" in md and "video-level" in md
