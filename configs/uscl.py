@@ -39,9 +39,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_classes=3))           # classifier outputs; every video label must be below it
 
   if arg == "runlocal":
-    # Minutes on 2 CPU cores: 64x64 input, a few hundred steps with warmup and decay, and a
-    # label fraction that leaves labeled videos in a small synthetic set.
+    # Minutes on 2 CPU cores: 64x64 input, ResNet-18 at a quarter of its width (16 filters in
+    # the stem, 128-d features), a few hundred steps with warmup and decay, and a label
+    # fraction that leaves labeled videos in a small synthetic set.
     c.image_size = (64, 64)
+    c.model.encoder_kwargs = ml_collections.ConfigDict(dict(num_filters=16))
     c.num_epochs = 0
     c.num_steps = 300
     c.optim.update(base_lr=1e-3, warmup_steps=20, end_lr_factor=0.0)
