@@ -39,9 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg == "runlocal":
     # Minutes on 2 CPU cores: 64x64 input, ResNet-18 at a quarter of its width (16 filters in
-    # the stem, 128-d features: XLA's CPU convolutions make the full width ~10x slower), more
-    # steps than 10 short epochs, a warmup and decay. Synthetic shards are already sampled
-    # sparsely in time, so every frame is kept.
+    # the stem, 128-d features; the full width costs 16x the FLOPs), more steps than 10 short
+    # epochs, a warmup and decay. Synthetic shards are already sampled sparsely in time, so
+    # every frame is kept.
     c.image_size = (64, 64)
     c.model.encoder_kwargs = ml_collections.ConfigDict(dict(num_filters=16))
     c.num_epochs = 0
