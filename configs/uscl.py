@@ -40,8 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg == "runlocal":
     # Minutes on 2 CPU cores: 64x64 input, ResNet-18 at a quarter of its width (16 filters in
-    # the stem, 128-d features; the full width costs 16x the FLOPs), a few hundred steps with warmup and decay, and a label
-    # fraction that leaves labeled videos in a small synthetic set.
+    # the stem, 128-d features; the full width costs 16x the FLOPs), a few hundred steps with
+    # warmup and decay, and a label fraction that leaves labeled videos in a small synthetic
+    # set.
     c.image_size = (64, 64)
     c.model.encoder_kwargs = ml_collections.ConfigDict(dict(num_filters=16))
     c.num_epochs = 0
