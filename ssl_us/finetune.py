@@ -136,6 +136,8 @@ def _header(config, description, extra=""):
   if sys.argv and os.path.basename(sys.argv[0]) == "finetune.py":
     lines.append("Command: `python -m ssl_us.finetune "
                  + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "`\n")
+  if config.notes:
+    lines.append(config.notes.strip() + "\n")
   return "\n".join(lines) + "\n" + extra
 
 
@@ -207,7 +209,8 @@ def run_classify(config) -> dict:
       probs = protocols.predict(model, variables, recs.images[test_idx], aug)
     trainable = protocols.trainable_encoder_names(blocks, protocol, cfg.last_k)
     common = dict(protocol=pname, fraction=fraction, fold=fold, seed=seed,
-                  train_patients=int(np.unique(recs.patient[sub]).size), train_records=int(sub.size),
+                  train_patients=int(np.unique(recs.patient[sub]).size),
+                  train_records=int(sub.size),
                   trainable_params=protocols.count_trainable(variables["params"], trainable),
                   seconds=round(time.time() - t0, 1))
     y = recs.label[test_idx]
@@ -467,8 +470,6 @@ TASKS = {"classify": run_classify, "retrieval": run_retrieval, "saliency": run_s
 def run(config) -> dict:
   if config.task not in TASKS:
     raise ValueError(f"config.task={config.task!r}; known: {sorted(TASKS)}")
-  from ssl_us.eval import report  # pylint: disable=g-import-not-at-top
-  report.write_text(_out_paths(config)("_config.json"), config.to_json_best_effort(indent=1))
   if config.compilation_cache:
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update("jax_compilation_cache_dir", config.compilation_cache)

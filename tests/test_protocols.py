@@ -96,7 +96,8 @@ def test_count_trainable_linear_head_is_d_times_c_plus_c():
   d = 4 * 4   # width 4, three stages -> 16 features
   assert P.count_trainable(variables["params"], frozenset()) == d * 2 + 2
   everything = sum(np.size(v) for v in jax.tree.leaves(variables["params"]))
-  assert P.count_trainable(variables["params"], frozenset(n for b in blocks for n in b)) == everything
+  all_names = frozenset(n for b in blocks for n in b)
+  assert P.count_trainable(variables["params"], all_names) == everything
 
 
 def test_freeze_interceptor_makes_training_mode_equal_evaluation_mode():

@@ -55,4 +55,5 @@ def base_config() -> ml_collections.ConfigDict:
   c.output_dir = ""               # default <init_from>/downstream
   c.output_prefix = ""            # default downstream_<name>
   c.compilation_cache = ""        # a folder enables JAX's persistent compilation cache
+  c.notes = ""                    # free text for the markdown report (e.g. how the data was made)
   return c

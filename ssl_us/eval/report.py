@@ -40,7 +40,7 @@ def _fmt(v, digits: int) -> str:
 
 def markdown_table(rows: Sequence[Mapping], columns: Sequence[str],
                    headers: Sequence[str] | None = None, digits: int = 3) -> str:
-  """A GitHub markdown table; ``<m>`` columns that have ``<m>_mean``/``<m>_std`` show mean +- std."""
+  """A GitHub markdown table; a column m given as ``<m>_mean``/``<m>_std`` shows mean ± std."""
   headers = list(headers or columns)
   lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
   for r in rows:

@@ -100,12 +100,21 @@ class SegmentationModel(nn.Module):
 
 
 def init_variables(model: SegmentationModel, encoder_variables, example, key):
-  """Model variables with the given encoder variables and a freshly initialised decoder."""
-  fresh = jax.jit(lambda k, x: model.init({"params": k, "dropout": k}, x, train=False))(
-      key, example)
+  """Model variables: the given encoder variables and a freshly initialised decoder (only the
+  decoder is initialised; the skips' shapes come from shape inference)."""
+  enc = model.encoder
+  skips = jax.eval_shape(lambda v, x: enc.apply(
+      v, x, train=False, method=lambda m, x, train: encoder_skips(m, (), x, train)[1]),
+                         encoder_variables, example)
+  decoder = UNetDecoder(model.num_classes)
+  out_hw = tuple(example.shape[1:3])
+  fresh = jax.jit(lambda k, s: decoder.init(k, s, out_hw, train=False))(
+      key, [jnp.zeros(s.shape, s.dtype) for s in skips])
   out = {}
-  for coll, tree in fresh.items():
-    out[coll] = dict(tree)
+  for coll in set(fresh) | set(encoder_variables):
+    out[coll] = {}
+    if coll in fresh:
+      out[coll]["decoder"] = fresh[coll]
     if coll in encoder_variables:
       out[coll]["encoder"] = encoder_variables[coll]
   return out

@@ -62,7 +62,8 @@ def group_kfold(groups, labels, k: int, seed: int = 0) -> list[tuple[np.ndarray,
   return [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(k)]
 
 
-def group_split(groups, labels, fractions: dict[str, float], seed: int = 0) -> dict[str, np.ndarray]:
+def group_split(groups, labels, fractions: dict[str, float],
+                seed: int = 0) -> dict[str, np.ndarray]:
   """Named record-index splits, e.g. {'train': .8, 'val': .1, 'test': .1}, grouped by patient.
 
   Patients are dealt into 20 buckets per class (as in ``group_kfold``, fewer if there are fewer
