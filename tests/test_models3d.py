@@ -161,3 +161,43 @@ def test_non_clip_input_is_a_clear_error():
   bad = models3d.Darknet53_3D(num_filters=1, temporal_strides=(1, 2))
   with pytest.raises(ValueError, match="temporal_strides has 2 entries for 5 stages"):
     jax.eval_shape(lambda x: bad.init(jax.random.key(0), x, train=False), jnp.zeros(CLIP))
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding", [
+    ((2, 5, 9, 8, 3), (3, 3, 3), (1, 1, 1), "SAME"),
+    ((2, 6, 9, 8, 3), (3, 3, 3), (2, 2, 2), "SAME"),
+    ((1, 7, 5, 5, 2), (3, 1, 1), (2, 1, 1), "SAME"),
+    ((1, 4, 4, 4, 2), (1, 3, 3), (1, 2, 2), "VALID"),
+    ((1, 7, 9, 9, 2), (3, 7, 7), (1, 2, 2), ((1, 1), (3, 3), (3, 3))),
+    ((1, 1, 2, 2, 4), (3, 3, 3), (2, 2, 2), "SAME"),
+])
+def test_fast_3d_conv_equals_lax_in_value_and_gradient(shape, kernel, strides, padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=kernel + (shape[-1], 5)), jnp.float32)
+  dn = ("NDHWC", "DHWIO", "NDHWC")
+  ref = lambda x, w: jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)
+  fast = lambda x, w: models3d.conv3d_general_dilated(x, w, strides, padding,
+                                                      dimension_numbers=dn)
+  y_ref, y = jax.jit(ref)(x, w), jax.jit(fast)(x, w)
+  assert y.shape == y_ref.shape
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-4)
+  # Gradients of <y, c> for a fixed cotangent c.
+  c = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
+  g_ref = jax.jit(jax.grad(lambda x, w: jnp.sum(ref(x, w) * c), argnums=(0, 1)))(x, w)
+  g = jax.jit(jax.grad(lambda x, w: jnp.sum(fast(x, w) * c), argnums=(0, 1)))(x, w)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_conv_impls_share_parameters_and_outputs():
+  fast = models3d.R2Plus1D18(num_filters=2, stage_sizes=(1, 1), temporal_strides=(1, 2))
+  xla = models3d.R2Plus1D18(num_filters=2, stage_sizes=(1, 1), temporal_strides=(1, 2),
+                            conv_impl="xla")
+  variables, x = _init(fast, (2, 4, 16, 16, 1))
+  shapes = jax.eval_shape(lambda x: xla.init(jax.random.key(0), x, train=False), x)
+  assert jax.tree.structure(shapes) == jax.tree.structure(variables)
+  run = lambda m: jax.jit(lambda v, x: m.apply(v, x, train=False))(variables, x)
+  np.testing.assert_allclose(run(fast), run(xla), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="conv_impl='cuda'; use one of"):
+    models3d.select_conv("cuda")
