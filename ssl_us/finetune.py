@@ -134,8 +134,8 @@ def _header(config, description, extra=""):
   """Markdown heading: task, encoder, the command line when run as the entry point."""
   lines = [f"# {config.name}: {config.task}\n", f"Encoder: {description}\n"]
   if sys.argv and os.path.basename(sys.argv[0]) == "finetune.py":
-    lines.append("Command: `python -m ssl_us.finetune "
-                 + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "`\n")
+    args = [shlex.quote(a) for a in sys.argv[1:] if not a.startswith("--config.notes")]
+    lines.append("Command: `python -m ssl_us.finetune " + " ".join(args) + "`\n")
   if config.notes:
     lines.append(config.notes.strip() + "\n")
   return "\n".join(lines) + "\n" + extra

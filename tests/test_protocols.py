@@ -310,3 +310,18 @@ def test_random_init_is_the_same_code_path(workdirs):
       ("Conv_3", "BatchNorm_3", "Dropout_0")]
   with pytest.raises(ValueError, match="needs config.encoder.name"):
     finetune.load_encoder(_ft_config("random"), example)
+
+
+@pytest.mark.parametrize("hidden", [(), (5,)])
+def test_folded_standardization_equals_the_head_on_standardized_features(hidden):
+  rng = np.random.default_rng(0)
+  h = rng.normal(300.0, 50.0, (7, 6)).astype(np.float32)
+  h[:, 2] = 4.0                                          # a constant feature: sigma -> 1
+  mu, sigma = P.standardizer(h)
+  assert sigma[2] == 1.0
+  head = P.Head(3, hidden)
+  params = head.init(jax.random.key(0), jnp.zeros((1, 6)))["params"]
+  folded = P.fold_standardization(params, jnp.asarray(mu), jnp.asarray(sigma))
+  np.testing.assert_allclose(head.apply({"params": folded}, h),
+                             head.apply({"params": params}, (h - mu) / sigma), rtol=1e-4,
+                             atol=1e-4)

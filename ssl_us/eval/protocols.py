@@ -188,8 +188,12 @@ class FitConfig:
 
 
 def make_tx(cfg: FitConfig) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 0),
-                                                max(cfg.steps, cfg.warmup_steps + 1))
+  """AdamW; lr rises linearly over warmup_steps, then cosine decay to 0 at ``steps``."""
+  if cfg.warmup_steps > 0:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps,
+                                                  max(cfg.steps, cfg.warmup_steps + 1))
+  else:
+    schedule = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps, 1))
   return optax.adamw(schedule, weight_decay=cfg.weight_decay)
 
 
@@ -258,14 +262,36 @@ def _head_step(head: Head, cfg: FitConfig):
   return tx, step
 
 
+def standardizer(feats) -> tuple[np.ndarray, np.ndarray]:
+  """Per-feature mean and std of (N, D) features; std 1 where a feature is constant."""
+  feats = np.asarray(feats, np.float64)
+  mu, sigma = feats.mean(0), feats.std(0)
+  return mu.astype(np.float32), np.where(sigma > 1e-8, sigma, 1.0).astype(np.float32)
+
+
+def fold_standardization(head_params, mu, sigma):
+  """Head parameters on raw h equal to ``head_params`` on (h - mu) / sigma.
+
+  The first Dense layer absorbs it: W' = W / sigma[:, None], b' = b - (mu / sigma) W.
+  """
+  first = head_params["Dense_0"]
+  kernel = first["kernel"] / sigma[:, None]
+  bias = first["bias"] - (mu / sigma) @ first["kernel"]
+  return dict(head_params, Dense_0=dict(first, kernel=kernel, bias=bias))
+
+
 def fit_head(model: Classifier, variables, feats, labels, cfg: FitConfig):
   """AdamW on the head alone over precomputed features (N, D); encoder variables untouched.
 
+  The head trains on features standardised with the training set's per-feature mean and std
+  (raw encoder features can be large, and saturated softmax scores would tie), and the
+  standardisation is then folded into its first layer, so the returned head takes raw h.
   Returns (variables, per-step losses).
   """
   labels = np.asarray(labels, np.int32)
   weights = jnp.asarray(class_weights(labels, model.num_classes, cfg.class_balanced))
-  feats = np.asarray(feats)
+  mu, sigma = standardizer(feats)
+  feats = (np.asarray(feats, np.float32) - mu) / sigma
   tx, step = _head_step(Head(model.num_classes, tuple(model.head_hidden)), _step_key(cfg))
   head_params = variables["params"][HEAD]
   opt_state = tx.init(head_params)
@@ -275,6 +301,7 @@ def fit_head(model: Classifier, variables, feats, labels, cfg: FitConfig):
     head_params, opt_state, loss = step(head_params, opt_state, feats[idx], labels[idx],
                                         weights)
     losses.append(loss)
+  head_params = fold_standardization(head_params, jnp.asarray(mu), jnp.asarray(sigma))
   params = dict(variables["params"], **{HEAD: head_params})
   return dict(variables, params=params), np.asarray(jax.device_get(losses))
 
