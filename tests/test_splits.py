@@ -58,8 +58,15 @@ def test_group_split_is_disjoint_and_covers_everything():
     for b in names[i + 1:]:
       assert not set(groups[out[a]]) & set(groups[out[b]])
   assert sum(v.size for v in out.values()) == groups.size
-  # 20 buckets of 2 patients each: 16 / 2 / 2 buckets -> 32 / 4 / 4 patients.
-  assert [np.unique(groups[out[n]]).size for n in names] == [32, 4, 4]
+  # 20 patients per class cut at round(20 * (.8, .9)) = 16, 18: 16 / 2 / 2 per class.
+  for n, per_class in zip(names, (16, 2, 2)):
+    for c in (0, 1):
+      assert np.unique(groups[out[n]][labels[out[n]] == c]).size == per_class
+  # Few patients: every class still reaches every split that its count allows.
+  g, y = _records(n_pos=3, n_neg=3)
+  small = splits.group_split(g, y, {"train": .7, "test": .3}, seed=1)
+  for c in (0, 1):   # round(3 * .7) = 2 train, 1 test patient of each class
+    assert np.unique(g[small["test"]][y[small["test"]] == c]).size == 1
   with pytest.raises(ValueError, match="sum to 1"):
     splits.group_split(groups, labels, {"train": .8, "test": .1})
 

@@ -5,9 +5,10 @@ Every function works on record-level arrays ``groups`` (patient of each record) 
 together: no patient is ever on both sides of a split.
 
 Stratification is by the patient's label (the most frequent label among its records, ties to
-the smaller id). Patients of each class are shuffled with ``seed`` and dealt round-robin, the
-deal continuing across classes, so every fold gets floor or ceil of (patients of class c) / k
-patients of class c and the fold sizes in patients differ by at most one.
+the smaller id). k-fold: patients of each class are shuffled with ``seed`` and dealt
+round-robin, the deal continuing across classes, so every fold gets floor or ceil of (patients
+of class c) / k patients of class c and the fold sizes in patients differ by at most one.
+Named splits: each class's shuffled patients are cut in proportion to the split fractions.
 
 Label fractions: from the training records, ``round(fraction * n_c)`` patients of each class c
 (at least 1) are kept, the first ones of a seeded per-class permutation, so for one seed the
@@ -66,22 +67,28 @@ def group_split(groups, labels, fractions: dict[str, float],
                 seed: int = 0) -> dict[str, np.ndarray]:
   """Named record-index splits, e.g. {'train': .8, 'val': .1, 'test': .1}, grouped by patient.
 
-  Patients are dealt into 20 buckets per class (as in ``group_kfold``, fewer if there are fewer
-  patients); each split takes a contiguous run of buckets of size round(fraction * buckets).
+  Stratified: the n_c patients of class c, shuffled with ``seed``, are cut at
+  round(n_c * cumulative fraction), so split s gets about fraction_s * n_c of them.
   """
   groups, labels = _check(groups, labels)
   total = sum(fractions.values())
   if not np.isclose(total, 1.0) or min(fractions.values()) <= 0:
     raise ValueError(f"split fractions must be positive and sum to 1, got {fractions}")
-  n_buckets = min(20, np.unique(groups).size)
-  bucket = _deal(groups, labels, n_buckets, seed)
-  b = np.array([bucket[g] for g in groups])
-  edges = np.round(np.cumsum([0.0] + list(fractions.values())) * n_buckets).astype(int)
+  patients, plabels = patient_labels(groups, labels)
+  rng = np.random.default_rng(seed)
+  cum = np.cumsum([0.0] + list(fractions.values()))
+  split_of = {}
+  for c in np.unique(plabels):
+    members = rng.permutation(patients[plabels == c])
+    edges = np.floor(cum * members.size + 0.5).astype(int)
+    for s, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+      split_of.update((p, s) for p in members[lo:hi])
+  which = np.array([split_of[g] for g in groups])
   out = {}
-  for (name, _), lo, hi in zip(fractions.items(), edges[:-1], edges[1:]):
-    if hi <= lo:
-      raise ValueError(f"split {name!r} gets no patients out of {np.unique(groups).size}")
-    out[name] = np.flatnonzero((b >= lo) & (b < hi))
+  for s, name in enumerate(fractions):
+    out[name] = np.flatnonzero(which == s)
+    if out[name].size == 0:
+      raise ValueError(f"split {name!r} gets no patients out of {patients.size}")
   return out
 
 
