@@ -113,7 +113,8 @@ class Scene:
   a_decay: float
   b_lines: tuple         # ((column, sigma, amplitude), ...)
   z_lines: tuple         # ((column, sigma, length, amplitude), ...)
-  consolidation: tuple   # () or (column, half width, depth, shred, dots)
+  consolidation: tuple   # () or (column, half width, depth, shred (amps, freqs, phases) of its
+                         # lower border, air-bronchogram dots ((depth, column), ...))
   gamma: float
   hi: float
   lo: float
@@ -285,7 +286,7 @@ def _wall_canvas(patient: Patient, scene: Scene, d, x):
 
 
 def _ribs(patient: Patient, scene: Scene, x):
-  """(inside a rib (X,), depth of the rib's bright surface (X,)) on the world canvas."""
+  """(inside a rib (1, X), depth of the rib's bright surface (1, X)) on the world canvas."""
   dist = _periodic_dist(x - scene.rib_phase, patient.rib_spacing)
   half = patient.rib_width / 2
   surface = scene.pleura - 0.02 - 0.02 * (1 - np.clip(dist / half, 0, 1) ** 2)
@@ -293,7 +294,7 @@ def _ribs(patient: Patient, scene: Scene, x):
 
 
 def _consolidation_region(scene: Scene, d, x):
-  """(inside (D, X), pleura-side columns it covers (X,), its lower border depth (X,))."""
+  """(inside (D, X), columns it covers (1, X), depth of its lower border (1, X))."""
   centre, half, depth, (amps, freqs, phases), _ = scene.consolidation
   u = (x - centre) / half
   uc = np.clip(u, -1, 1)
@@ -304,9 +305,10 @@ def _consolidation_region(scene: Scene, d, x):
 
 
 def _lung_canvas(patient: Patient, scene: Scene, d, x):
-  """Lung on the world canvas (D, X): (attenuated echo, B-line echo, labels, instance ids).
+  """Lung on the world canvas (D, X): (echo, B-line echo, labels, instance ids).
 
-  Instance ids: 0 none, k > 0 the k-th entry of ``_instance_classes(scene)``.
+  Both echoes are before attenuation and speckle. Instance ids: 0 none, k > 0 the k-th entry
+  of ``_instance_classes(scene)``.
   """
   p, sigma = scene.pleura, LINE_SIGMA
   below = d > p
@@ -415,12 +417,12 @@ def match_histogram(values: np.ndarray, gamma: float, hi: float, lo: float) -> n
   """Rank-maps each row of ``values`` (F, N) onto the quantiles lo + (hi - lo) * q**gamma.
 
   Every row gets exactly the same multiset of values, so the output histogram is independent
-  of the content; the order of the pixels (the structure) is kept. ``values`` must be positive;
-  they are ranked on a 16-bit log scale (a radix sort), ties in the order of the pixels.
+  of the content; the order of the pixels (the structure) is kept. ``values`` (echo, > 0) are
+  ranked on a 16-bit log scale (a radix sort), ties in the order of the pixels.
   """
   n = values.shape[1]
   target = lo + (hi - lo) * ((np.arange(n) + 0.5) / n) ** gamma
-  logv = np.log(values)
+  logv = np.log(np.maximum(values, 1e-12))
   lo_v, hi_v = logv.min(axis=1, keepdims=True), logv.max(axis=1, keepdims=True)
   keys = np.round((logv - lo_v) / np.maximum(hi_v - lo_v, 1e-12) * 65535).astype(np.uint16)
   out = np.empty(values.shape, np.float64)
@@ -569,11 +571,13 @@ def _write_masks(path: str, masks: np.ndarray):
   _replace_when_done(path, write)
 
 
-def _check_args(num_patients, videos_per_patient, frames, size, fps):
+def _check_args(num_patients, videos_per_patient, frames, size, seed, fps):
   for name, value in (("num_patients", num_patients), ("videos_per_patient", videos_per_patient),
                       ("frames", frames), ("fps", fps)):
     if int(value) != value or value < 1:
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  if int(seed) != seed or seed < 0:
+    raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
   if int(size) != size or size < MIN_SIZE or size % 2:
     raise ValueError(f"size must be an even integer >= {MIN_SIZE} (h264 yuv420p), got {size!r}")
 
@@ -584,7 +588,7 @@ def generate(output: str, num_patients: int = 40, videos_per_patient: int = 3, f
 
   Returns the path of manifest.csv. Existing files of the same names are replaced.
   """
-  _check_args(num_patients, videos_per_patient, frames, size, fps)
+  _check_args(num_patients, videos_per_patient, frames, size, seed, fps)
   for sub in CLASSES + ("masks",):
     os.makedirs(os.path.join(output, sub), exist_ok=True)
   manifest, frame_rows, box_rows = [], [], []

@@ -456,6 +456,7 @@ def test_same_seed_same_bytes_other_seed_other_frames(folder, tmp_path):
     (dict(num_patients=0), "num_patients must be a positive integer"),
     (dict(videos_per_patient=1.5), "videos_per_patient must be a positive integer"),
     (dict(fps=0), "fps must be a positive integer"),
+    (dict(seed=-1), "seed must be a non-negative integer"),
 ])
 def test_bad_arguments(tmp_path, kwargs, match):
   args = dict(num_patients=1, videos_per_patient=1, frames=2, size=32)
