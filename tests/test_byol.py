@@ -236,3 +236,21 @@ def test_resume_restores_the_target_network_exactly(dataset, tmp_path):
   _, _, v_mid = checkpoint.load_variables(str(tmp_path / "split"), step=2)
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(v_mid["target"]),
                                                       jax.tree.leaves(v_full["target"])))
+
+
+def test_pair_views_take_the_second_clip_for_view_b():
+  c = simclr_lung3d.get_config("runlocal")
+  c.image_size = (8, 8)
+  c.clips.views = "pair"
+  c.aug.update(crop_prob=0.0, flip_prob=0.0, affine_prob=0.0, color_prob=0.0, noise_prob=0.0,
+               erase_prob=0.0)
+  c.temporal_aug.enabled = False
+  method = byol.SimCLRVideo(c)
+  assert method.sampler.views == "pair" and method.sampler.records_per_example == 2
+  rng = np.random.default_rng(0)
+  batch = {"clip": rng.integers(0, 256, (2, 3, 8, 8, 1), np.uint8),
+           "clip_b": rng.integers(0, 256, (2, 3, 8, 8, 1), np.uint8)}
+  v_a, v_b = jax.jit(method.views)(batch, jax.random.key(0))
+  # Identity spatial map: the views are the clips in model units (x / 255 - 0.5) / 0.25.
+  np.testing.assert_allclose(v_a, (batch["clip"] / 255 - 0.5) / 0.25, atol=1e-5)
+  np.testing.assert_allclose(v_b, (batch["clip_b"] / 255 - 0.5) / 0.25, atol=1e-5)

@@ -52,6 +52,9 @@ def test_padded_frames_counts_looped_and_repeated_frames():
   assert padded_frames([0, 3, 6, 9]) == 0
   assert padded_frames([0, 3, 6, 0, 3, 6, 0]) == 4       # looped
   assert padded_frames([0, 3, 6, 6, 6]) == 2             # last frame repeated
+  # data_prep --clip_len 8 --clip_stride 2 --short_clips loop on a 7-frame COVID-BLUES video
+  # wraps the stride grid modulo 7 and stores padded=4 in the record.
+  assert padded_frames([0, 2, 4, 6, 1, 3, 5, 0]) == 4
   assert padded_frames([5]) == 0
 
 
