@@ -97,3 +97,20 @@ def test_regions_are_eight_connected():
   labels, boxes = S.regions(m)
   assert boxes == [(0, 0, 2, 2), (3, 4, 4, 5)]
   assert labels[1, 1] == labels[0, 0] == 1
+
+
+def test_class_score_is_the_unsaturated_log_probability():
+  logits = jnp.array([[40.0, 0.0], [39.0, 0.0], [0.0, 0.0]])
+  score = S.class_score_fn(lambda x: x, 0)(logits)
+  # Probabilities of the first two round to 1 in float32; their log-probabilities differ.
+  assert jax.nn.softmax(logits)[0, 0] == jax.nn.softmax(logits)[1, 0] == 1.0
+  np.testing.assert_allclose(score, [-np.exp(-40.0), -np.exp(-39.0), np.log(.5)], rtol=1e-5)
+
+
+def test_log_prob_against_float64_log_softmax():
+  rng = np.random.default_rng(0)
+  z = rng.normal(0, 5, (6, 4))
+  expect = z - np.log(np.exp(z).sum(1, keepdims=True))
+  for t in range(4):
+    np.testing.assert_allclose(jax.jit(S.log_prob, static_argnums=1)(jnp.asarray(z), t),
+                               expect[:, t], rtol=1e-5, atol=1e-6)

@@ -126,6 +126,18 @@ def evaluate(saliency, gt: Sequence[Box], fraction: float = 0.1) -> dict:
   return dict(wiou=weighted_iou(boxes, sizes, gt), boxes=boxes, sizes=sizes)
 
 
+def log_prob(logits, target: int):
+  """log p_target = -softplus(logsumexp_{j != target}(z_j - z_target)), (N, C) -> (N,).
+
+  Orders occlusions as the probability does without saturating: a confident classifier's
+  probability (and float32 log_softmax, z_t - logsumexp z) rounds to 1 (0), so every drop
+  would tie at 0; this form keeps log p = -exp(-40) distinct from -exp(-39).
+  """
+  d = logits - logits[:, target:target + 1]
+  d = jnp.where(jnp.arange(logits.shape[1]) == target, -jnp.inf, d)
+  return -jax.nn.softplus(jax.nn.logsumexp(d, axis=1))
+
+
 def class_score_fn(apply_fn: Callable, target: int) -> Callable:
-  """score(x) = softmax(apply_fn(x))[:, target], jitted (the class probability)."""
-  return jax.jit(lambda x: jax.nn.softmax(apply_fn(x))[:, target])
+  """score(x) = log p_target(x) of a classifier's logits ``apply_fn(x)``, jitted."""
+  return jax.jit(lambda x: log_prob(apply_fn(x), target))
