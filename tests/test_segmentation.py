@@ -100,3 +100,45 @@ def test_fine_tuned_unet_segments_the_toy_squares():
   assert out["miou"] > 0.8, out
   with pytest.raises(ValueError, match="mask ids"):
     seg.fit(model, v, x, m * 2, cfg, aug)
+
+
+def test_region_geometry_of_masks_and_boxes_by_hand():
+  from data_prep.region import Region
+  from ssl_us.eval import data
+  keep = np.ones((40, 80), bool)
+  keep[:, :4] = False                       # outside the scan area: blanked to class 0
+  region = Region(y0=10, x0=20, y1=50, x1=100, mask=keep, kind="sector")
+  mask = np.zeros((60, 120), np.uint8)
+  mask[20:30, 40:60] = 2
+  mask[10:50, 20:24] = 1
+  # Scale min(32 / 40, 32 / 80) = 0.4 -> 16 x 32 pixels, padded by 8 rows above and below.
+  # Output row i reads source row 10 + floor((i - 8 + .5) * 2.5): rows 12..15 hit 20..29;
+  # column j reads 20 + floor((j + .5) * 2.5): columns 8..15 hit 40..59.
+  out = data.apply_region_to_mask(mask, region, (32, 32))
+  expect = np.zeros((32, 32), np.uint8)
+  expect[12:16, 8:16] = 2
+  np.testing.assert_array_equal(out, expect)
+  assert data.apply_region_to_box((20, 40, 30, 60), region, (32, 32)) == (12, 8, 16, 16)
+
+
+def test_load_dense_aligns_frames_masks_and_boxes(tmp_path):
+  from data_prep import synthetic
+  from ssl_us.eval import data
+  synthetic.generate(str(tmp_path), num_patients=3, videos_per_patient=1, frames=2, size=64)
+  d = data.load_dense(str(tmp_path), (32, 32), frame_step=1)
+  assert d.images.shape == (6, 32, 32, 1) and d.masks.shape == (6, 32, 32)
+  assert d.label_names == tuple(sorted(synthetic.CLASSES))
+  assert d.mask_names == synthetic.MASK_CLASSES
+  assert len(set(d.patient)) == 3 and len(d.boxes) == 6
+  # Every pixel of a pathology class lies inside one of that class's boxes.
+  checked = 0
+  for i in range(6):
+    for name in ("consolidation", "b_line"):
+      ys, xs = np.nonzero(d.masks[i] == synthetic.MASK_CLASSES.index(name))
+      boxes = [b[1:] for b in d.boxes[i] if b[0] == name]
+      inside = np.zeros(ys.size, bool)
+      for y0, x0, y1, x1 in boxes:
+        inside |= (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+      assert inside.all(), (i, name)
+      checked += ys.size
+  assert checked > 0
