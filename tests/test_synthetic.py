@@ -278,7 +278,8 @@ def test_a_lines_lie_at_twice_the_pleural_depth(videos):
   for v in videos.values():
     skin = np.flatnonzero(v.fan[:, x])[0]
     for col in v.masks[:, :, x]:
-      pleura, a_line = np.flatnonzero(col == ID["pleural_line"]), np.flatnonzero(col == ID["a_line"])
+      pleura = np.flatnonzero(col == ID["pleural_line"])
+      a_line = np.flatnonzero(col == ID["a_line"])
       if pleura.size and a_line.size:
         first = a_line[a_line - skin < 2.5 * (pleura.mean() - skin)]
         assert abs((first.mean() - skin) - 2 * (pleura.mean() - skin)) <= 2.0
@@ -399,8 +400,8 @@ def test_manifest_and_files(folder):
   for r in rows:
     assert r["path"] == f"{r['label']}/{r['video_id']}.mp4"
     assert r["probe"] in syn.PROBES and int(r["depth_cm"]) in syn.DEPTHS_CM
-  written = sorted(os.path.relpath(p, folder) for p in glob.glob(os.path.join(folder, "*", "*.mp4")))
-  assert written == sorted(r["path"] for r in rows)
+  mp4s = glob.glob(os.path.join(folder, "*", "*.mp4"))
+  assert sorted(os.path.relpath(p, folder) for p in mp4s) == sorted(r["path"] for r in rows)
   assert not glob.glob(os.path.join(folder, "**", ".*"), recursive=True)   # no temp files left
 
 
