@@ -24,13 +24,17 @@ from PIL import Image, ImageDraw
 from ssl_us import augment, augment_video, input_pipeline
 from ssl_us.methods.byol import make_clip_sampler
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config (clip method).",
-                                          lock_config=True)
-_OUT = flags.DEFINE_string("out", None, "Output PNG path.")
-_NUM = flags.DEFINE_integer("num_clips", 4, "Clips to show.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the clip choice and the augmentations.")
-_ZOOM = flags.DEFINE_integer("zoom", 2, "Integer enlargement of every frame.")
-flags.mark_flags_as_required(["config", "out"])
+
+
+def _define_flags():
+  """Command-line flags, defined only when run as a program (importing defines none)."""
+  config_flags.DEFINE_config_file("config", None, "Pretraining config (clip method).",
+                                  lock_config=True)
+  flags.DEFINE_string("out", None, "Output PNG path.")
+  flags.DEFINE_integer("num_clips", 4, "Clips to show.")
+  flags.DEFINE_integer("seed", 0, "Seed of the clip choice and the augmentations.")
+  flags.DEFINE_integer("zoom", 2, "Integer enlargement of every frame.")
+  flags.mark_flags_as_required(["config", "out"])
 
 GAP = 4          # pixels between frames and rows
 LABEL_H = 14     # pixels of the text line above each row
@@ -119,14 +123,16 @@ def render(config, num_clips: int, seed: int, zoom: int) -> Image.Image:
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  f = flags.FLAGS
+  config = f.config
   if not config.data.dir:
     raise app.UsageError("set --config.data.dir=<data_prep dataset dir>")
-  if _NUM.value < 1 or _ZOOM.value < 1:
+  if f.num_clips < 1 or f.zoom < 1:
     raise app.UsageError("--num_clips and --zoom must be >= 1")
-  write_png(_OUT.value, render(config, _NUM.value, _SEED.value, _ZOOM.value))
-  print(f"wrote {_OUT.value}")
+  write_png(f.out, render(config, f.num_clips, f.seed, f.zoom))
+  print(f"wrote {f.out}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
