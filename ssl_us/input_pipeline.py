@@ -23,6 +23,7 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import struct
@@ -218,8 +219,9 @@ def _write_cache(path, key, index: RecordIndex):
              patients=np.asarray(index.patients, dtype=str),
              **{k: getattr(index, k) for k in _INDEX_ARRAYS})
     os.replace(tmp, path)
-  except OSError:
-    pass  # read-only dataset directory: the index simply stays in memory
+  except OSError as e:  # e.g. a read-only dataset directory: the index stays in memory
+    logging.warning("%s: could not cache the record index (%s); it is rebuilt next time",
+                    path, e)
 
 
 class RecordReader:
