@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ssl_us import ops
+
 ModuleDef = Any
 
 
@@ -91,11 +93,16 @@ class ResNet(nn.Module):
   axis_name: str | None = None
   # A 7x7/2 stem plus 3x3/2 max-pool (ImageNet); small inputs may prefer a 3x3/1 stem, no pool.
   small_stem: bool = False
+  # Same mathematics and parameters either way: "fast" computes convolutions and max-pooling
+  # with ssl_us.ops (fast on XLA's CPU backend), "xla" with flax's nn.Conv / nn.max_pool alone.
+  conv_impl: str = "fast"
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     d = self.spatial_dims
-    conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype)
+    conv = functools.partial(ops.select_conv(self.conv, self.conv_impl), use_bias=False,
+                             dtype=self.dtype)
+    max_pool = ops.select_max_pool(self.conv_impl)
     norm = batch_norm(train, self.axis_name, self.dtype)
     x = x.astype(self.dtype)
     if self.small_stem:
@@ -104,7 +111,7 @@ class ResNet(nn.Module):
     else:
       x = conv(self.num_filters, _k(7, d), _k(2, d), padding=[(3, 3)] * d, name="conv_init")(x)
       x = self.act(norm(name="bn_init")(x))
-      x = nn.max_pool(x, _k(3, d), strides=_k(2, d), padding="SAME")
+      x = max_pool(x, _k(3, d), strides=_k(2, d), padding="SAME")
     for i, block_size in enumerate(self.stage_sizes):
       for j in range(block_size):
         strides = 2 if i > 0 and j == 0 else 1
@@ -131,16 +138,19 @@ class ConvNet4(nn.Module):
   conv: ModuleDef = nn.Conv
   axis_name: str | None = None
   pool: str = "flatten"  # or "avg"
+  conv_impl: str = "fast"  # as ResNet.conv_impl
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    conv = functools.partial(self.conv, kernel_size=(3, 3), use_bias=False, dtype=self.dtype)
+    conv = functools.partial(ops.select_conv(self.conv, self.conv_impl), kernel_size=(3, 3),
+                             use_bias=False, dtype=self.dtype)
+    max_pool = ops.select_max_pool(self.conv_impl)
     norm = batch_norm(train, self.axis_name, self.dtype)
     x = x.astype(self.dtype)
     for i, w in enumerate((self.width, self.width, 2 * self.width, 2 * self.width)):
       x = nn.relu(norm()(conv(w)(x)))
       if i % 2 == 1:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool(x, (2, 2), strides=(2, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = x.reshape(x.shape[0], -1) if self.pool == "flatten" else jnp.mean(x, axis=(1, 2))
     return x.astype(jnp.float32)
