@@ -164,8 +164,11 @@ def run_classify(config) -> dict:
     logging.warning("%d of %d records have no label and are left out of classification",
                     recs.label.size - labelled.size, recs.label.size)
   recs = recs.subset(labelled)
-  num_classes = int(recs.label.max()) + 1
-  names = recs.label_names or tuple(str(c) for c in range(num_classes))
+  if recs.label_names and recs.label.max() >= len(recs.label_names):
+    raise ValueError(f"{config.data.dir}: label id {recs.label.max()} but only "
+                     f"{len(recs.label_names)} label names {list(recs.label_names)}")
+  names = recs.label_names or tuple(str(c) for c in range(int(recs.label.max()) + 1))
+  num_classes = len(names)
   positive = _label_index(names, config.eval.positive_label, 1)
   aug = _aug(config)
   example = _example(recs.images, config.image_size)

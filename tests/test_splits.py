@@ -148,3 +148,24 @@ def test_finetune_classify_cross_validates_by_patient(tmp_path):
   with open(out["markdown"]) as f:
     md = f.read()
   assert "Random feature extractor" in md and "Fully supervised" in md and "video-level" in md
+
+
+def test_finetune_classify_rejects_label_ids_beyond_the_label_names(tmp_path, monkeypatch):
+  """A dataset whose records carry label id 2 but whose metadata names two labels is an error
+  that names the dataset and the names, not a silently grown class list."""
+  import numpy as np
+
+  from configs.finetune import covid_blues
+  from ssl_us import finetune
+  from ssl_us.eval import data
+  n = 6
+  strs = np.asarray([f"v{i}" for i in range(n)])
+  recs = data.Records(images=np.zeros((n, 8, 8, 1), np.uint8), label=np.asarray([0, 1, 2] * 2),
+                      video=strs, patient=strs, exam=strs, side=strs,
+                      frame_index=np.zeros(n, np.int64), anatomy_fine=np.full(n, -1),
+                      label_names=("covid", "covid_negative"), anatomy_fine_names=())
+  monkeypatch.setattr(data, "load_records", lambda *a, **k: recs)
+  c = covid_blues.get_config()
+  c.data.dir = str(tmp_path / "ds")
+  with pytest.raises(ValueError, match=r"ds: label id 2 but only 2 label names"):
+    finetune.run_classify(c)
