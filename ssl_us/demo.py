@@ -56,18 +56,31 @@ def pretrain(dataset_dir: str, workdir: str, steps: int | None):
       f"{config.batch_size}) in {workdir}")
   t0 = time.time()
   history = train.train_and_evaluate(config, workdir, log_fn=log)
-  log(f"pretraining done in {(time.time() - t0) / 60:.1f} min, final loss "
-      f"{history['loss'][-1] if history.get('loss') else float('nan'):.3f}")
+  if history.get("loss"):
+    log(f"pretraining done in {(time.time() - t0) / 60:.1f} min, final loss "
+        f"{history['loss'][-1]:.3f}")
+  else:
+    log(f"the checkpoint in {workdir} is already at step {config.num_steps}; reusing it")
   return config
 
 
-def features(method, variables, index):
+def features(method, variables, index, pool: str = "none"):
+  """Frozen encoder features of every record's first frame; ``pool='avg'`` averages a
+  flattened square feature map (ConvNet4's (S*S*C,) output) over its S*S positions."""
   from ssl_us import checkpoint, input_pipeline  # pylint: disable=g-import-not-at-top
   reader = input_pipeline.RecordReader(index)
   frames = np.stack([reader.read(i)["frames"][0] for i in range(index.num_records)])
   module, enc_vars = method.encoder(variables)
   x = np.asarray(method.eval_view(frames))
-  return checkpoint.encode(module, enc_vars, x)
+  f = checkpoint.encode(module, enc_vars, x)
+  if pool == "avg":
+    channels = 2 * getattr(module, "width", 0)
+    if not channels or f.shape[1] % channels:
+      raise ValueError(f"--features avg needs a ConvNet4 with flattened output, got {module!r}")
+    f = f.reshape(len(f), -1, channels).mean(axis=1)
+  elif pool != "none":
+    raise ValueError(f"unknown pool {pool!r}; use none or avg")
+  return f
 
 
 def linear_probe(train_x, train_y, test_x, test_y) -> float:
@@ -79,7 +92,7 @@ def linear_probe(train_x, train_y, test_x, test_y) -> float:
   return float(clf.score(test_x, test_y))
 
 
-def evaluate(dataset_dir: str, workdir: str):
+def evaluate(dataset_dir: str, workdir: str, pool: str = "none"):
   import jax  # pylint: disable=g-import-not-at-top
   from ssl_us import checkpoint, input_pipeline  # pylint: disable=g-import-not-at-top
   _, method, trained = checkpoint.load_variables(workdir)
@@ -89,8 +102,8 @@ def evaluate(dataset_dir: str, workdir: str):
   te = input_pipeline.load_index(dataset_dir, "test")
   results = {}
   for name, variables in (("pretrained", trained), ("random init", random_vars)):
-    acc = linear_probe(features(method, variables, tr), tr.label,
-                       features(method, variables, te), te.label)
+    acc = linear_probe(features(method, variables, tr, pool), tr.label,
+                       features(method, variables, te, pool), te.label)
     results[name] = acc
   chance = np.bincount(te.label).max() / len(te.label)
   return results, float(chance), tr, te
@@ -103,6 +116,9 @@ def main(argv=None):
   p.add_argument("--patients", type=int, default=40)
   p.add_argument("--frames", type=int, default=16)
   p.add_argument("--fresh", action="store_true", help="delete --out first")
+  p.add_argument("--features", choices=("none", "avg"), default="none",
+                 help="probe the encoder's own output (none) or its map averaged over "
+                      "positions (avg: a stricter test of the random baseline)")
   args = p.parse_args(argv)
   if args.fresh:
     shutil.rmtree(args.out, ignore_errors=True)
@@ -111,7 +127,7 @@ def main(argv=None):
   dataset_dir = make_data(args.out, args)
   workdir = os.path.join(args.out, "simclr_workdir")
   pretrain(dataset_dir, workdir, args.steps)
-  results, chance, tr, te = evaluate(dataset_dir, workdir)
+  results, chance, tr, te = evaluate(dataset_dir, workdir, args.features)
   print()
   print(f"Linear probe on frozen features, synthetic lung ultrasound, 3 classes "
         f"({tr.num_records} train frames / {te.num_records} test frames, test patients unseen)")
