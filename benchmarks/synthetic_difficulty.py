@@ -1,0 +1,83 @@
+r"""How much of a frame dataset's classes simple statistics and random encoders already get.
+
+  python -m benchmarks.synthetic_difficulty --dataset demo_out/shards/synthetic_lung/1.0.0
+  python -m benchmarks.synthetic_difficulty --dataset DIR --workdir demo_out/simclr_workdir
+
+For data_prep issue point 11 (synthetic classes "a good encoder can learn and a random one
+cannot"): the same linear probe as the demo (ssl_us.demo.linear_probe: standardised features,
+logistic regression, fit on the 'train' split, accuracy on 'test') on
+- 'global stats': per frame mean, std, mean |d/dx| and mean |d/dy| of the [0, 1] image;
+- 'depth bands': mean and mean |d/dx| of each of 8 horizontal bands (depth profile);
+- 'pixels': the raw frame;
+- a randomly initialised ConvNet4 (the demo's config), on its flattened output and averaged over
+  positions; with ``--workdir``, also the pretrained encoder of that pretraining run.
+A dataset whose classes the statistics rows already separate is one a random network separates
+too. Prints one markdown table (and the chance level: the largest class share of 'test').
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+
+def frames(dataset_dir: str, split: str):
+  from ssl_us import input_pipeline  # pylint: disable=g-import-not-at-top
+  index = input_pipeline.load_index(dataset_dir, split)
+  reader = input_pipeline.RecordReader(index)
+  x = np.stack([reader.read(i)["frames"][0][..., 0] for i in range(index.num_records)])
+  return index, x.astype(np.float32) / 255.0
+
+
+def statistics(x: np.ndarray, bands: int = 8) -> dict:
+  """Hand-made features of frames (N, H, W) in [0, 1]."""
+  gx, gy = np.abs(np.diff(x, axis=2)), np.abs(np.diff(x, axis=1))
+  edges = np.linspace(0, x.shape[1], bands + 1).astype(int)
+  band = [(x[:, a:b].mean((1, 2)), gx[:, a:b].mean((1, 2))) for a, b in zip(edges, edges[1:])]
+  return {
+      "global stats (4)": np.stack([x.mean((1, 2)), x.std((1, 2)), gx.mean((1, 2)),
+                                    gy.mean((1, 2))], 1),
+      f"depth bands ({2 * bands})": np.stack([m for m, _ in band] + [g for _, g in band], 1),
+      "pixels": x.reshape(len(x), -1),
+  }
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--dataset", required=True, help="data_prep dataset dir with train and test")
+  p.add_argument("--workdir", help="a pretraining workdir: also probe its encoder")
+  a = p.parse_args(argv)
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import simclr_muscle  # pylint: disable=g-import-not-at-top
+  from ssl_us import checkpoint, demo  # pylint: disable=g-import-not-at-top
+  from ssl_us.methods import make_method  # pylint: disable=g-import-not-at-top
+  tr, xtr = frames(a.dataset, "train")
+  te, xte = frames(a.dataset, "test")
+  rows = []
+  ftr, fte = statistics(xtr), statistics(xte)
+  for name in ftr:
+    rows.append((name, demo.linear_probe(ftr[name], tr.label, fte[name], te.label)))
+  config = simclr_muscle.get_config("runlocal")
+  config.image_size = tuple(xtr.shape[1:3])
+  method = make_method(config)
+  encoders = [("random ConvNet4", method, method.init(
+      jax.random.key(12345), {"image": np.zeros((2, *xtr.shape[1:3], 1), np.uint8)}))]
+  if a.workdir:
+    _, pre_method, pre_vars = checkpoint.load_variables(a.workdir)
+    encoders.append((f"pretrained ({a.workdir})", pre_method, pre_vars))
+  for name, m, variables in encoders:
+    for pool in ("none", "avg"):
+      acc = demo.linear_probe(demo.features(m, variables, tr, pool), tr.label,
+                              demo.features(m, variables, te, pool), te.label)
+      rows.append((f"{name}, {'flattened' if pool == 'none' else 'averaged'}", acc))
+  chance = np.bincount(te.label).max() / len(te.label)
+  print(f"| features ({tr.num_records} train / {te.num_records} test frames) | test accuracy |")
+  print("|---|---|")
+  for name, acc in rows:
+    print(f"| {name} | {acc:.3f} |")
+  print(f"| chance | {chance:.3f} |")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
