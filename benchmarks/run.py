@@ -96,9 +96,12 @@ def _ntxent_row(name, r):
 
 
 def table(results: dict) -> str:
-  steps = {r["size"]: r for n, r in results.items()
-           if n.startswith("step_") and "error" not in r and r["conv_impl"] == "fast"
-           and r["dtype"] == "float32"}
+  steps = {}  # frame size -> the fastest float32 'fast' step of that size (the hungriest consumer)
+  for n, r in results.items():
+    if (n.startswith("step_") and "error" not in r and r["conv_impl"] == "fast"
+        and r["dtype"] == "float32"
+        and r["jax_views_s"] > steps.get(r["size"], {}).get("jax_views_s", 0)):
+      steps[r["size"]] = r
   rows = [["benchmark", "JAX", "PyTorch", "ratio JAX/PyTorch", "load", "notes"]]
   for name, r in results.items():
     if "error" in r:
