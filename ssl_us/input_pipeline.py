@@ -240,9 +240,11 @@ class RecordReader:
   def __setstate__(self, state):
     self.__init__(state["index"])
 
-  def __del__(self):
+  def __del__(self, _close=os.close):
+    # os.close bound at definition: at interpreter exit the module's globals may be gone.
     for fd in self._fds.values():
-      os.close(fd)
+      _close(fd)
+    self._fds.clear()
 
   def read(self, i: int) -> dict[str, Any]:
     ix = self.index
