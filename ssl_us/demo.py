@@ -38,7 +38,8 @@ def make_data(out: str, args) -> str:
   log("building shards with data_prep")
   report = build(manifest, os.path.join(out, "shards"), name="synthetic_lung", size=(64, 64),
                  frame_labels=os.path.join(raw, "frame_labels.csv"),
-                 splits="train=0.7,test=0.3", num_workers=2, progress=False)
+                 splits="train=0.7,test=0.3", num_workers=2, progress=False,
+                 salt="ssl_us-demo")  # synthetic patients: a fixed salt keeps runs reproducible
   from data_prep import report as report_lib  # pylint: disable=g-import-not-at-top
   for line in report_lib.summary_text(report).splitlines():
     log(line)

@@ -153,8 +153,11 @@ def decode_png(data: bytes) -> np.ndarray:
   return img[..., None]
 
 
+_INDEX_VERSION = 2  # 2: rows in canonical order (see _canonical)
+
+
 def _cache_key(files) -> str:
-  h = hashlib.sha256()
+  h = hashlib.sha256(f"v{_INDEX_VERSION};".encode())
   for f in files:
     st = os.stat(f)
     h.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns};".encode())
@@ -203,12 +206,31 @@ def load_index(dataset_dir: str, split: str, *, cache: bool = True) -> RecordInd
         cols["anatomy_fine"].append(rec["anatomy_fine"][0])
   dtypes = dict(file_id=np.int32, video=np.int32, patient=np.int32, num_frames=np.int32)
   arrays = {k: np.asarray(v, dtypes.get(k, np.int64)) for k, v in cols.items()}
+  arrays, video_ids, patient_ids = _canonical(arrays, tuple(videos), tuple(patients))
   index = RecordIndex(dataset_dir=dataset_dir, split=split, files=tuple(files),
-                      video_ids=tuple(videos), patients=tuple(patients), metadata=metadata,
-                      **arrays)
+                      video_ids=video_ids, patients=patient_ids, metadata=metadata, **arrays)
   if cache:
     _write_cache(cache_path, key, index)
   return index
+
+
+def _canonical(arrays: dict, video_ids: tuple, patient_ids: tuple):
+  """Rows sorted by (video id, first frame), video and patient ids numbered in sorted order.
+
+  data_prep's worker processes write videos in the order they finish, so two builds of the same
+  input can hold the same records in different shard positions; samplers permute row numbers,
+  so without this the batches of a seeded run would depend on that write order.
+  """
+  def renumber(ids, col):
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    new_id = np.empty(len(ids), np.int32)
+    new_id[order] = np.arange(len(ids), dtype=np.int32)
+    return tuple(ids[i] for i in order), new_id[col] if len(ids) else col
+  video_ids, video = renumber(video_ids, arrays["video"])
+  patient_ids, patient = renumber(patient_ids, arrays["patient"])
+  arrays = dict(arrays, video=video, patient=patient)
+  rows = np.lexsort((arrays["offset"], arrays["file_id"], arrays["frame_index"], video))
+  return {k: v[rows] for k, v in arrays.items()}, video_ids, patient_ids
 
 
 def _write_cache(path, key, index: RecordIndex):
