@@ -14,6 +14,18 @@ Frames, pretraining, evaluation (``runlocal``: the CPU budget of benchmarks/):
       --config.data.dir /tmp/blues64/ultrasound/1.0.0 --config.model.encoder_kwargs.width=16
   python -m ssl_us.finetune --config configs/finetune/covid_blues.py:runlocal \
       --config.init_from=/tmp/simclr_blues --config.data.dir=/tmp/blues64/ultrasound/1.0.0
+
+The PCR label is per patient and not visible in an image. For a per-clip visible finding (B-lines
+yes/no from the upstream severity sheet, also A-lines or the severity score 0-3), build the
+shards from a manifest and name the positive class:
+
+  python -m benchmarks.covid_blues_labels --data /work/shared/data --label b_lines \
+      --output /tmp/blues_blines.csv
+  python -m data_prep --input /tmp/blues_blines.csv --output /tmp/blues_blines --fps 2 --size 64 \
+      --splits train=1.0
+  python -m ssl_us.finetune --config configs/finetune/covid_blues.py:runlocal \
+      --config.init_from=/tmp/simclr_blues --config.data.dir=/tmp/blues_blines/ultrasound/1.0.0 \
+      --config.eval.positive_label=b_lines
 """
 from configs.finetune import base
 
