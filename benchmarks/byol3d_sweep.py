@@ -5,7 +5,8 @@ so the clips travel as one array: ``export`` decodes a clip-mode dataset once (h
 and aligns a second labelling of the same clips by content. ``train`` (there) runs the committed
 pretraining step (ssl_us.train: method, optimizer, schedule, state, the jitted shard_map step) on
 batches drawn as successive random permutations of the clips, then writes the frozen features
-of the committed evaluation (ssl_us.eval.protocols.features: center view, eval mode) and of
+of the committed evaluation (ssl_us.eval.protocols.features: center view at the pretraining
+input size, eval mode) and of
 three random encoders of the same architecture, float16, one file per feature width. ``probe``
 (here) fits the committed linear head (configs/finetune/covid_blues.py:runlocal ``fit_head``)
 on 5 patient-grouped folds x 3 head seeds and prints each encoder's paired difference from the
@@ -139,8 +140,6 @@ def train(clips: str, output: str, deadline: float, runs: list[str]):
   meta = {k: d[k] for k in d.files if k != "images"}
   feats, log = {}, {}
   ev = covid_blues.get_config("runlocal")
-  size = tuple(ev.image_size)
-  example = np.zeros((1,) + images.shape[1:-3] + size + images.shape[-1:], np.float32)
   print(jax.devices(), images.shape, flush=True)
   for spec in runs:
     name, seed, steps, over = parse_run(spec)
@@ -181,6 +180,8 @@ def train(clips: str, output: str, deadline: float, runs: list[str]):
     jax.block_until_ready(state)
     t_train = time.time() - t_first
     module, variables = method.encoder({"params": state.params, **state.variables})
+    size = tuple(c.image_size)                  # evaluated at the pretraining input size
+    example = np.zeros((1,) + images.shape[1:-3] + size + images.shape[-1:], np.float32)
     a = dict(ev.aug)
     a.update(mean=c.aug.mean, std=c.aug.std)
     aug = augment.AugmentConfig.from_config(a, out_size=size)
@@ -189,7 +190,7 @@ def train(clips: str, output: str, deadline: float, runs: list[str]):
     feats[name] = protocols.features(module, variables, images, aug)
     width = c.model.encoder_kwargs.get("num_filters")
     for r in (0, 1, 2):
-      key = f"random_w{width}_{r}"
+      key = f"random_w{width}_{size[0]}px_{r}"
       if key not in feats:
         rv = protocols.random_encoder_variables(module, example, r)
         feats[key] = protocols.features(module, rv, images, aug)
