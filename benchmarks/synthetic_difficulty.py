@@ -10,7 +10,10 @@ logistic regression, fit on the 'train' split, accuracy on 'test') on
 - 'depth bands': mean and mean |d/dx| of each of 8 horizontal bands (depth profile);
 - 'pixels': the raw frame;
 - a randomly initialised ConvNet4 (the demo's config), on its flattened output and averaged over
-  positions; with ``--workdir``, also the pretrained encoder of that pretraining run.
+  positions; with ``--workdir``, also the pretrained encoder of that pretraining run;
+- with ``--supervised_steps N``, the ceiling: the same ConvNet4 (random init) and a linear layer
+  trained end to end with the labels of 'train' (ssl_us.eval.protocols 'supervised': AdamW 1e-3,
+  batch 64, the fine-tuning augmentation of configs/finetune/base.py), accuracy on 'test'.
 A dataset whose classes the statistics rows already separate is one a random network separates
 too. Prints one markdown table (and the chance level: the largest class share of 'test').
 """
@@ -42,10 +45,42 @@ def statistics(x: np.ndarray, bands: int = 8) -> dict:
   }
 
 
+def supervised_accuracy(tr, te, image_size, steps: int, seed: int = 0) -> float:
+  """Test accuracy of ConvNet4 + linear layer trained with the 'train' labels (the ceiling)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from configs import simclr_muscle  # pylint: disable=g-import-not-at-top
+  from configs.finetune import base  # pylint: disable=g-import-not-at-top
+  from ssl_us import augment, input_pipeline, models  # pylint: disable=g-import-not-at-top
+  from ssl_us.eval import protocols  # pylint: disable=g-import-not-at-top
+
+  def uint8_frames(index):
+    reader = input_pipeline.RecordReader(index)
+    return np.stack([reader.read(i)["frames"][0] for i in range(index.num_records)])
+
+  model_cfg = simclr_muscle.get_config("runlocal").model
+  encoder = models.make_encoder(model_cfg.encoder, **dict(model_cfg.encoder_kwargs))
+  num_classes = int(max(tr.label.max(), te.label.max())) + 1
+  model = protocols.Classifier(encoder, num_classes)
+  example = jnp.zeros((1, *image_size, 1))
+  enc_vars = protocols.random_encoder_variables(encoder, example, seed)
+  variables = protocols.init_variables(model, enc_vars, example, jax.random.key(seed + 1))
+  aug = augment.AugmentConfig.from_config(dict(base.base_config().aug), out_size=image_size)
+  cfg = protocols.FitConfig(steps=steps, batch_size=64, lr=1e-3, weight_decay=1e-4,
+                            warmup_steps=min(20, steps // 10), seed=seed)
+  variables, _ = protocols.fit(model, variables, uint8_frames(tr), tr.label,
+                               protocols.get_protocol("supervised"), cfg, aug,
+                               protocols.encoder_blocks(encoder, enc_vars, example))
+  probs = protocols.predict(model, variables, uint8_frames(te), aug)
+  return float(np.mean(probs.argmax(1) == te.label))
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--dataset", required=True, help="data_prep dataset dir with train and test")
   p.add_argument("--workdir", help="a pretraining workdir: also probe its encoder")
+  p.add_argument("--supervised_steps", type=int, default=0,
+                 help="also train ConvNet4 with the labels for this many steps (0: skip)")
   a = p.parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
   from configs import simclr_muscle  # pylint: disable=g-import-not-at-top
@@ -70,6 +105,9 @@ def main(argv=None) -> int:
       acc = demo.linear_probe(demo.features(m, variables, tr, pool), tr.label,
                               demo.features(m, variables, te, pool), te.label)
       rows.append((f"{name}, {'flattened' if pool == 'none' else 'averaged'}", acc))
+  if a.supervised_steps > 0:
+    rows.append((f"supervised ConvNet4 + linear layer, {a.supervised_steps} steps (ceiling)",
+                 supervised_accuracy(tr, te, tuple(xtr.shape[1:3]), a.supervised_steps)))
   chance = np.bincount(te.label).max() / len(te.label)
   print(f"| features ({tr.num_records} train / {te.num_records} test frames) | test accuracy |")
   print("|---|---|")
