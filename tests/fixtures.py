@@ -2,6 +2,7 @@
 
 Each video is a few frames of oriented stripes plus noise; its class (0: horizontal, 1:
 vertical) is the stripe orientation, so a trained encoder can separate the classes.
+``run_steps`` drives the training spine over such a dataset.
 """
 import json
 import os
@@ -60,3 +61,19 @@ def write_dataset(root, *, split="train", num_videos=8, frames=4, size=(16, 16),
   with open(os.path.join(out, "dataset_info.json"), "w") as f:
     json.dump({"name": name}, f)
   return out
+
+
+def run_steps(config, mesh, steps):
+  """Steps from a fresh state on ``mesh``; returns (losses, final state as numpy)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ssl_us import parallel, train  # pylint: disable=g-import-not-at-top
+  setup = train.build(config, mesh)
+  it = iter(train.make_input(setup, config))
+  batches = [next(it) for _ in range(steps)]
+  state = train.init_state(setup, config, batches[0])
+  step = train.make_train_step(setup.method, setup.tx, setup.schedule, mesh)
+  losses = []
+  for b in batches:
+    state, m = step(state, parallel.shard_host_batch(b, mesh))
+    losses.append(float(m["loss"]))
+  return losses, jax.device_get(state)

@@ -192,24 +192,10 @@ def test_config_errors(dataset):
 # Through the training spine.
 
 
-def run_steps(config, mesh, steps):
-  """Steps from a fresh state on ``mesh``; returns (losses, final state as numpy)."""
-  setup = train.build(config, mesh)
-  it = iter(train.make_input(setup, config))
-  batches = [next(it) for _ in range(steps)]
-  state = train.init_state(setup, config, batches[0])
-  step = train.make_train_step(setup.method, setup.tx, setup.schedule, mesh)
-  losses = []
-  for b in batches:
-    state, m = step(state, parallel.shard_host_batch(b, mesh))
-    losses.append(float(m["loss"]))
-  return losses, jax.device_get(state)
-
-
 def test_sharded_byol_step_equals_single_device(dataset):
   config = tiny_config(dataset)
-  l8, s8 = run_steps(config, parallel.make_mesh(8), 2)
-  l1, s1 = run_steps(config, parallel.make_mesh(1), 2)
+  l8, s8 = fixtures.run_steps(config, parallel.make_mesh(8), 2)
+  l1, s1 = fixtures.run_steps(config, parallel.make_mesh(1), 2)
   np.testing.assert_allclose(l8, l1, rtol=2e-5)
   # Parameters to float32 noise: global BatchNorm sums E[x^2] - E[x]^2 over 8 shards of one
   # clip each instead of one shard of 8, and two SGD steps of lr 0.1 carry the rounding on.

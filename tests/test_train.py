@@ -38,25 +38,11 @@ def tiny_config(data_dir, **over):
   return c
 
 
-def run_steps(config, mesh, steps):
-  """Steps from a fresh state on ``mesh``; returns (losses, final state as numpy)."""
-  setup = train.build(config, mesh)
-  it = iter(train.make_input(setup, config))
-  batches = [next(it) for _ in range(steps)]
-  state = train.init_state(setup, config, batches[0])
-  step = train.make_train_step(setup.method, setup.tx, setup.schedule, mesh)
-  losses = []
-  for b in batches:
-    state, m = step(state, parallel.shard_host_batch(b, mesh))
-    losses.append(float(m["loss"]))
-  return losses, jax.device_get(state)
-
-
 def test_eight_devices_equal_one_device(dataset):
   """Same global batch on 8 fake devices and on 1: losses and parameters (BatchNorm global)."""
   config = tiny_config(dataset)
-  l8, s8 = run_steps(config, parallel.make_mesh(8), 3)
-  l1, s1 = run_steps(config, parallel.make_mesh(1), 3)
+  l8, s8 = fixtures.run_steps(config, parallel.make_mesh(8), 3)
+  l1, s1 = fixtures.run_steps(config, parallel.make_mesh(1), 3)
   np.testing.assert_allclose(l8, l1, rtol=2e-5)
   for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
