@@ -2,10 +2,13 @@
 
 Each video is a few frames of oriented stripes plus noise; its class (0: horizontal, 1:
 vertical) is the stripe orientation, so a trained encoder can separate the classes.
-``run_steps`` drives the training spine over such a dataset.
+``run_steps`` drives the training spine over such a dataset; ``run_on_8_cpu_devices`` runs a
+script in a fresh Python on 8 fake CPU devices.
 """
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -77,3 +80,16 @@ def run_steps(config, mesh, steps):
     state, m = step(state, parallel.shard_host_batch(b, mesh))
     losses.append(float(m["loss"]))
   return losses, jax.device_get(state)
+
+
+def run_on_8_cpu_devices(script: str, *args: str, timeout: int = 300) -> str:
+  """Runs ``python -c script args`` from the repository root on 8 fake CPU devices; asserts a
+  zero exit and stdout starting with "OK"; returns stdout."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", script, *args], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.startswith("OK"), out.stdout[-3000:]
+  return out.stdout

@@ -1,7 +1,4 @@
 """AWCL loss (paper 002 Eq. 1-3): hand-computed values, a loop reference, and sharded == global."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -10,6 +7,7 @@ import numpy as np
 import pytest
 
 from ssl_us import losses
+from tests import fixtures
 
 T = 0.5
 
@@ -157,13 +155,7 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_sharded_equals_single_device_value_and_gradient():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-c", _SHARDED], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stdout.startswith("OK")
+  fixtures.run_on_8_cpu_devices(_SHARDED)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,14 +265,8 @@ def run_sharded_method(module, config_fn, batch, tmp_path):
   """Runs a method's loss on 8 fake devices and on one; asserts equal value and gradient."""
   path = str(tmp_path / "batch.npz")
   np.savez(path, **batch)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  script = _SHARDED_METHOD.format(module=module, config_fn=config_fn)
-  out = subprocess.run([sys.executable, "-c", script, path], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stdout.startswith("OK")
+  fixtures.run_on_8_cpu_devices(_SHARDED_METHOD.format(module=module, config_fn=config_fn),
+                                path, timeout=600)
 
 
 def test_sharded_method_equals_single_device(tmp_path):

@@ -1,8 +1,5 @@
 """USCL pieces (paper 003): mixed pair formula, Beta draws, masked CE and the objective."""
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -11,6 +8,7 @@ import numpy as np
 import pytest
 
 from ssl_us import losses, uscl
+from tests import fixtures
 
 
 def test_mix_views_formula_by_hand():
@@ -124,13 +122,7 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_sharded_uscl_loss_equals_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-c", _SHARDED], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stdout.startswith("OK")
+  fixtures.run_on_8_cpu_devices(_SHARDED)
 
 
 # ----------------------------------------------------------------------------------------------
