@@ -6,8 +6,8 @@ and aligns a second labelling of the same clips by content. ``train`` (there) ru
 pretraining step (ssl_us.train: method, optimizer, schedule, state, the jitted shard_map step) on
 batches drawn as successive random permutations of the clips, then writes the frozen features
 of the committed evaluation (ssl_us.eval.protocols.features: center view at the pretraining
-input size, eval mode) and of
-three random encoders of the same architecture, float16, one file per feature width. ``probe``
+input size, eval mode) of the online encoder, of the EMA target's encoder (``NAME_target``) and
+of three random encoders of the same architecture, float16, one file per feature width. ``probe``
 (here) fits the committed linear head (configs/finetune/covid_blues.py:runlocal ``fit_head``)
 on 5 patient-grouped folds x 3 head seeds and prints each encoder's paired difference from the
 random encoders' mean.
@@ -188,6 +188,10 @@ def train(clips: str, output: str, deadline: float, runs: list[str]):
     if done < steps:
       name = f"{name}@{done}"                  # stopped by the deadline: say where
     feats[name] = protocols.features(module, variables, images, aug)
+    target = state.variables.get("target")    # BYOL's EMA target: its encoder too
+    if target is not None:
+      tv = {k: target[k]["encoder"] for k in ("params", "batch_stats") if k in target}
+      feats[f"{name}_target"] = protocols.features(module, tv, images, aug)
     width = c.model.encoder_kwargs.get("num_filters")
     for r in (0, 1, 2):
       key = f"random_w{width}_{size[0]}px_{r}"
