@@ -194,7 +194,7 @@ def train(clips: str, output: str, deadline: float, runs: list[str]):
       feats[f"{name}_target"] = protocols.features(module, tv, images, aug)
     width = c.model.encoder_kwargs.get("num_filters")
     for r in (0, 1, 2):
-      key = f"random_w{width}_{size[0]}px_{r}"
+      key = f"random_{c.model.encoder}_w{width}_{size[0]}px_{r}"
       if key not in feats:
         rv = protocols.random_encoder_variables(module, example, r)
         feats[key] = protocols.features(module, rv, images, aug)
