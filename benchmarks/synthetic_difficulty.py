@@ -25,11 +25,11 @@ import numpy as np
 
 
 def frames(dataset_dir: str, split: str):
+  """(index, uint8 first frames (N, H, W, 1)) of ``split``."""
   from ssl_us import input_pipeline  # pylint: disable=g-import-not-at-top
   index = input_pipeline.load_index(dataset_dir, split)
   reader = input_pipeline.RecordReader(index)
-  x = np.stack([reader.read(i)["frames"][0][..., 0] for i in range(index.num_records)])
-  return index, x.astype(np.float32) / 255.0
+  return index, np.stack([reader.read(i)["frames"][0] for i in range(index.num_records)])
 
 
 def statistics(x: np.ndarray, bands: int = 8) -> dict:
@@ -45,21 +45,18 @@ def statistics(x: np.ndarray, bands: int = 8) -> dict:
   }
 
 
-def supervised_accuracy(tr, te, image_size, steps: int, seed: int = 0) -> float:
+def supervised_accuracy(tr, xtr, te, xte, steps: int, seed: int = 0) -> float:
   """Test accuracy of ConvNet4 + linear layer trained with the 'train' labels (the ceiling)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from configs import simclr_muscle  # pylint: disable=g-import-not-at-top
   from configs.finetune import base  # pylint: disable=g-import-not-at-top
-  from ssl_us import augment, input_pipeline, models  # pylint: disable=g-import-not-at-top
+  from ssl_us import augment, models  # pylint: disable=g-import-not-at-top
   from ssl_us.eval import protocols  # pylint: disable=g-import-not-at-top
-
-  def uint8_frames(index):
-    reader = input_pipeline.RecordReader(index)
-    return np.stack([reader.read(i)["frames"][0] for i in range(index.num_records)])
 
   model_cfg = simclr_muscle.get_config("runlocal").model
   encoder = models.make_encoder(model_cfg.encoder, **dict(model_cfg.encoder_kwargs))
+  image_size = tuple(xtr.shape[1:3])
   num_classes = int(max(tr.label.max(), te.label.max())) + 1
   model = protocols.Classifier(encoder, num_classes)
   example = jnp.zeros((1, *image_size, 1))
@@ -68,10 +65,10 @@ def supervised_accuracy(tr, te, image_size, steps: int, seed: int = 0) -> float:
   aug = augment.AugmentConfig.from_config(dict(base.base_config().aug), out_size=image_size)
   cfg = protocols.FitConfig(steps=steps, batch_size=64, lr=1e-3, weight_decay=1e-4,
                             warmup_steps=min(20, steps // 10), seed=seed)
-  variables, _ = protocols.fit(model, variables, uint8_frames(tr), tr.label,
+  variables, _ = protocols.fit(model, variables, xtr, tr.label,
                                protocols.get_protocol("supervised"), cfg, aug,
                                protocols.encoder_blocks(encoder, enc_vars, example))
-  probs = protocols.predict(model, variables, uint8_frames(te), aug)
+  probs = protocols.predict(model, variables, xte, aug)
   return float(np.mean(probs.argmax(1) == te.label))
 
 
@@ -89,7 +86,7 @@ def main(argv=None) -> int:
   tr, xtr = frames(a.dataset, "train")
   te, xte = frames(a.dataset, "test")
   rows = []
-  ftr, fte = statistics(xtr), statistics(xte)
+  ftr, fte = (statistics(x[..., 0].astype(np.float32) / 255.0) for x in (xtr, xte))
   for name in ftr:
     rows.append((name, demo.linear_probe(ftr[name], tr.label, fte[name], te.label)))
   config = simclr_muscle.get_config("runlocal")
@@ -107,7 +104,7 @@ def main(argv=None) -> int:
       rows.append((f"{name}, {'flattened' if pool == 'none' else 'averaged'}", acc))
   if a.supervised_steps > 0:
     rows.append((f"supervised ConvNet4 + linear layer, {a.supervised_steps} steps (ceiling)",
-                 supervised_accuracy(tr, te, tuple(xtr.shape[1:3]), a.supervised_steps)))
+                 supervised_accuracy(tr, xtr, te, xte, a.supervised_steps)))
   chance = np.bincount(te.label).max() / len(te.label)
   print(f"| features ({tr.num_records} train / {te.num_records} test frames) | test accuracy |")
   print("|---|---|")
