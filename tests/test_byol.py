@@ -208,6 +208,26 @@ def test_sharded_byol_step_equals_single_device(dataset):
   assert any(not np.allclose(t, o) for t, o in zip(enc_t, enc_o))
 
 
+def test_sharded_simclr_video_step_equals_single_device(dataset):
+  """Paper 001's SimCLR alternative through the spine: NT-Xent over the 2N views of the global
+  batch gathered from 8 devices gives the single-device loss and update."""
+  c = simclr_lung3d.get_config("runlocal")
+  base = tiny_config(dataset)
+  for key in ("data", "image_size", "batch_size", "num_steps", "log_every", "ckpt_every",
+              "progress_bar", "model", "clips", "optim"):
+    c[key] = base[key]
+  c.clips.one_per_video = True
+  assert c.method == "simclr_video"
+  l8, s8 = fixtures.run_steps(c, parallel.make_mesh(8), 2)
+  l1, s1 = fixtures.run_steps(c, parallel.make_mesh(1), 2)
+  # At init the loss is near log(2N - 1) for N = 8 clips: the views are nearly indistinct.
+  assert abs(l1[0] - math.log(15)) < 0.5, l1
+  np.testing.assert_allclose(l8, l1, rtol=2e-5)
+  for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5)
+  assert "target" not in s1.variables
+
+
 def test_resume_restores_the_target_network_exactly(dataset, tmp_path):
   config = tiny_config(dataset, num_steps=4)
   mesh = parallel.make_mesh(1)

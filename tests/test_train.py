@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from configs import simclr_muscle
+from configs import awcl_fetal, byol_lung, simclr_lung3d, simclr_muscle, uscl
 from ssl_us import checkpoint, input_pipeline, parallel, train
+from ssl_us.methods import method_class
 from tests import fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,3 +120,18 @@ def test_cli_config_errors(tmp_path, args, message):
   assert r.returncode != 0
   assert message in r.stderr + r.stdout
   assert not os.path.exists(broken)
+
+
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+@pytest.mark.parametrize("config_module, expected", [
+    (simclr_muscle, "ssl_us.methods.simclr.SimCLR"),
+    (byol_lung, "ssl_us.methods.byol.BYOL"),
+    (simclr_lung3d, "ssl_us.methods.byol.SimCLRVideo"),
+    (awcl_fetal, "ssl_us.methods.awcl.AWCL"),
+    (uscl, "ssl_us.methods.uscl.USCL"),
+])
+def test_every_pretraining_config_names_a_registered_method(config_module, expected, arg):
+  """ssl_us.main builds the method from config.method through the registry: each config's
+  method must resolve there to its paper's class."""
+  cls = method_class(config_module.get_config(arg).method)
+  assert f"{cls.__module__}.{cls.__qualname__}" == expected

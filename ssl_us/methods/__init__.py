@@ -18,6 +18,7 @@ import importlib
 _METHODS: dict[str, str] = {
     "simclr": "ssl_us.methods.simclr:SimCLR",
     "byol": "ssl_us.methods.byol:BYOL",
+    "simclr_video": "ssl_us.methods.byol:SimCLRVideo",
     "awcl": "ssl_us.methods.awcl:AWCL",
     "uscl": "ssl_us.methods.uscl:USCL",
 }
