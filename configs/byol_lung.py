@@ -13,7 +13,10 @@ Not stated by the paper, chosen here: Adam (no weight decay), a constant learnin
 projection and prediction outputs of 256 with hidden 4096 (BYOL's), the probabilities of noise
 and erasing (0.5, torchvision's RandomErasing default) and of the affine (always, like
 torchvision's RandomAffine), colour jitter always. Brightness is additive in [0, 1] intensity
-units (ssl_us.augment's convention), not torchvision's multiplicative factor. The paper's
+units (ssl_us.augment's convention); ``--config.aug.brightness_mode=scale`` gives torchvision's
+multiplicative factor 1 +- 0.3, which the paper's names (ColorJitter, RandomAffine,
+RandomErasing) suggest and which perturbs dark ultrasound far less (benchmarks/RESULTS.md,
+BYOL-3D session 10: SimCLR-3D does not learn at runlocal with the additive one). The paper's
 encoder has 133,880 parameters (Table 3), far fewer than Darknet-53 at its usual width 32 (115M
 in 3D); the width is ``model.encoder_kwargs.num_filters`` (1 gives 113k).
 

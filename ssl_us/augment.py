@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 
 
+BRIGHTNESS_MODES = ("add", "scale")
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
   """Probabilities and ranges; the defaults are SimCLR-like. Frozen, so it is a jit static."""
@@ -32,7 +35,9 @@ class AugmentConfig:
   scale: float = 0.0                               # +- fraction
   translate: float = 0.0                           # +- fraction of the size
   color_prob: float = 0.8
-  brightness: float = 0.4                          # additive, +- (in [0, 1] intensity units)
+  brightness: float = 0.4                          # +- b, applied as brightness_mode says
+  brightness_mode: str = "add"                     # "add": x + b (in [0, 1] intensity units);
+                                                   # "scale": x * (1 + b) (torchvision's factor)
   contrast: float = 0.4                            # multiplicative about the mean, 1 +- c
   noise_prob: float = 0.0
   noise_std: float = 0.0
@@ -41,6 +46,11 @@ class AugmentConfig:
   erase_ratio: tuple[float, float] = (0.3, 3.3)
   mean: float = 0.5
   std: float = 0.25
+
+  def __post_init__(self):
+    if self.brightness_mode not in BRIGHTNESS_MODES:
+      raise ValueError(f"augmentation brightness_mode={self.brightness_mode!r}; known: "
+                       f"{BRIGHTNESS_MODES}")
 
   @classmethod
   def from_config(cls, cfg, out_size) -> "AugmentConfig":
@@ -148,7 +158,8 @@ def augment_clip(key, clip, cfg: AugmentConfig):
   x = _warp(x, _sample_grid(p, cfg.out_size))
   q = sample_intensity(k_in, cfg)
   m = jnp.mean(x)
-  x = (x - m) * q["contrast"] + m + q["brightness"]
+  x = (x - m) * q["contrast"] + m
+  x = x * (1.0 + q["brightness"]) if cfg.brightness_mode == "scale" else x + q["brightness"]
   if cfg.noise_prob > 0 and cfg.noise_std > 0:
     x = x + q["noise"] * cfg.noise_std * jax.random.normal(k_noise, x.shape)
   x = jnp.clip(x, 0.0, 1.0)

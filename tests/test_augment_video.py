@@ -194,6 +194,26 @@ def test_config_errors_name_the_key():
     av.augment_video(jax.random.key(0), jnp.zeros((2, 4, 8, 8, 1), jnp.uint8), cfg)
 
 
+@pytest.mark.parametrize("mode", ["add", "scale"])
+def test_colour_jitter_by_hand(mode):
+  """Contrast about the clip mean, then brightness b added ("add") or as the factor 1 + b
+  ("scale", torchvision's ColorJitter); the draws are the ones sample_intensity makes."""
+  cfg = augment.AugmentConfig(out_size=(4, 4), **{**OFF, "color_prob": 1.0}, brightness=0.3,
+                              contrast=0.3, brightness_mode=mode, mean=0.0, std=1.0)
+  clip = jnp.asarray(np.arange(2 * 4 * 4).reshape(2, 4, 4, 1) * 5, jnp.uint8)
+  key = jax.random.key(3)
+  out = jax.jit(augment.augment_clip, static_argnums=2)(key, clip, cfg)
+  q = augment.sample_intensity(jax.random.split(key, 3)[1], cfg)
+  b, c = float(q["brightness"]), float(q["contrast"])
+  assert b != 0.0 and c != 1.0
+  x = np.asarray(clip, np.float64) / 255.0
+  y = (x - x.mean()) * c + x.mean()
+  y = y + b if mode == "add" else y * (1.0 + b)
+  np.testing.assert_allclose(out, np.clip(y, 0.0, 1.0), atol=1e-6)
+  with pytest.raises(ValueError, match="brightness_mode='mul'; known"):
+    augment.AugmentConfig(brightness_mode="mul")
+
+
 def test_show_augment_grid_and_labels():
   from ssl_us import show_augment
   info = {"reversed": np.asarray([True, False]), "shuffled": np.asarray([2, 0]),
