@@ -22,8 +22,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.aug = ml_collections.ConfigDict(dict(
       crop_prob=1.0, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_prob=0.5,
       affine_prob=0.0, rotate_deg=0.0, scale=0.0, translate=0.0, color_prob=0.8,
-      brightness=0.4, contrast=0.4, noise_prob=0.0, noise_std=0.0, erase_prob=0.0,
-      erase_area=(0.02, 0.1), erase_ratio=(0.3, 3.3), mean=0.5, std=0.25))
+      brightness=0.4, brightness_mode="add", contrast=0.4, noise_prob=0.0, noise_std=0.0,
+      erase_prob=0.0, erase_area=(0.02, 0.1), erase_ratio=(0.3, 3.3), mean=0.5, std=0.25))
   c.log_every = 50
   c.ckpt_every = 1000
   c.keep_checkpoints = 3
