@@ -12,12 +12,12 @@ Not stated by the paper, chosen here: Adam (no weight decay), a constant learnin
 16 frames every 2nd frame (the paper's videos have >= 60 frames), 128x128 input, batch 32,
 projection and prediction outputs of 256 with hidden 4096 (BYOL's), the probabilities of noise
 and erasing (0.5, torchvision's RandomErasing default) and of the affine (always, like
-torchvision's RandomAffine), colour jitter always. Brightness is additive in [0, 1] intensity
-units (ssl_us.augment's convention); ``--config.aug.brightness_mode=scale`` gives torchvision's
-multiplicative factor 1 +- 0.3, which the paper's names (ColorJitter, RandomAffine,
-RandomErasing) suggest and which perturbs dark ultrasound far less (benchmarks/RESULTS.md,
-BYOL-3D session 10: SimCLR-3D runlocal does not learn with the additive one, and with the
-factor beats the random R3D on both COVID-BLUES labels). The paper's
+torchvision's RandomAffine), colour jitter always. Brightness is torchvision's ColorJitter
+factor, x * (1 + b) with b uniform in +-0.3 (``aug.brightness_mode='scale'``), as the paper's
+names (ColorJitter, RandomAffine, RandomErasing) suggest; ssl_us.augment's default, x + b in
+[0, 1] units, blacks out much of these dark clips (mean ~0.16): SimCLR-3D runlocal does not
+learn with it, and BYOL-3D runlocal gains far less (benchmarks/RESULTS.md, BYOL-3D sessions
+10-11; ``--config.aug.brightness_mode=add`` gives the additive shift back). The paper's
 encoder has 133,880 parameters (Table 3), far fewer than Darknet-53 at its usual width 32 (115M
 in 3D); the width is ``model.encoder_kwargs.num_filters`` (1 gives 113k).
 
@@ -38,8 +38,9 @@ from configs import common
 def table2_augmentations(c: ml_collections.ConfigDict):
   """Paper 001 Table 2, spatial (config.aug) and temporal (config.temporal_aug)."""
   c.aug.update(crop_prob=0.0, affine_prob=1.0, scale=0.2, translate=0.1, rotate_deg=10.0,
-               flip_prob=0.5, color_prob=1.0, brightness=0.3, contrast=0.3, noise_prob=0.5,
-               noise_std=0.03, erase_prob=0.5, erase_area=(0.02, 0.1), erase_ratio=(0.3, 3.3))
+               flip_prob=0.5, color_prob=1.0, brightness=0.3, brightness_mode="scale",
+               contrast=0.3, noise_prob=0.5, noise_std=0.03, erase_prob=0.5,
+               erase_area=(0.02, 0.1), erase_ratio=(0.3, 3.3))
   c.temporal_aug = ml_collections.ConfigDict(dict(
       enabled=True, reverse_prob=0.5, shuffle_prob=0.5, shuffle_max=4, replace_prob=0.5,
       replace_max=4))

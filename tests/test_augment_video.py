@@ -7,13 +7,17 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from configs import byol_lung, simclr_lung3d
 from ssl_us import augment, augment_video as av, parallel
 
 OFF = dict(crop_prob=0.0, flip_prob=0.0, affine_prob=0.0, color_prob=0.0, noise_prob=0.0,
            erase_prob=0.0)
 TABLE2 = dict(crop_prob=0.0, affine_prob=1.0, scale=0.2, translate=0.1, rotate_deg=10.0,
-              flip_prob=0.5, color_prob=1.0, brightness=0.3, contrast=0.3, noise_prob=0.5,
-              noise_std=0.03, erase_prob=0.5, erase_area=(0.02, 0.1), erase_ratio=(0.3, 3.3))
+              flip_prob=0.5, color_prob=1.0, brightness=0.3, brightness_mode="scale",
+              contrast=0.3, noise_prob=0.5, noise_std=0.03, erase_prob=0.5,
+              erase_area=(0.02, 0.1), erase_ratio=(0.3, 3.3))
+TABLE2_TEMPORAL = dict(enabled=True, reverse_prob=0.5, shuffle_prob=0.5, shuffle_max=4,
+                       replace_prob=0.5, replace_max=4)
 
 
 def _keys(n, seed=0):
@@ -232,3 +236,28 @@ def test_show_augment_grid_and_labels():
     for j in range(4):
       x = gap + j * (16 + gap)
       assert np.all(img[y:y + 16, x:x + 16] == (255 if j == 2 else 0))
+
+
+@pytest.mark.parametrize("module", [byol_lung, simclr_lung3d])
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_video_configs_carry_paper_001_table2(module, arg):
+  c = module.get_config(arg)
+  assert {k: c.aug[k] for k in TABLE2} == TABLE2
+  assert c.temporal_aug.to_dict() == TABLE2_TEMPORAL
+
+
+@pytest.mark.parametrize("mode,blacked_out", [("scale", False), ("add", True)])
+def test_table2_brightness_never_blacks_out_a_dark_clip(mode, blacked_out):
+  """A dark clip (intensity 40/255 = 0.16, the COVID-BLUES mean) under the Table 2 colour jitter
+  alone, 64 draws (contrast about a constant clip's mean changes nothing): torchvision's factor
+  keeps every pixel within 0.16 * (1 +- 0.3); the additive +-0.3 takes the whole clip to 0
+  whenever b < -0.16."""
+  cfg = augment.AugmentConfig(out_size=(4, 4), **{**OFF, "color_prob": 1.0}, brightness=0.3,
+                              contrast=0.3, brightness_mode=mode, mean=0.0, std=1.0)
+  clip = jnp.full((2, 4, 4, 1), 40, jnp.uint8)
+  out = np.asarray(jax.jit(jax.vmap(lambda k: augment.augment_clip(k, clip, cfg)))(_keys(64)))
+  lowest = out.reshape(64, -1).min(axis=1)
+  if blacked_out:
+    assert (lowest == 0.0).any() and lowest.max() > 0.16
+  else:
+    assert lowest.min() >= 40 / 255 * 0.7 - 1e-6 and lowest.max() <= 40 / 255 * 1.3 + 1e-6
