@@ -68,15 +68,19 @@ def video_config() -> ml_collections.ConfigDict:
 
 
 def runlocal(c: ml_collections.ConfigDict):
-  """About 45 minutes on 2 idle CPU cores (0.16 steps/s, 2.6 clips/s; benchmarks/RESULTS.md):
-  8 frames of 64x64, R3D-18 at width 16 (2.1M parameters), small heads, 400 steps of 16 clips.
+  """About 45 minutes on 2 idle CPU cores (0.15-0.16 steps/s, 2.4-2.6 clips/s;
+  benchmarks/RESULTS.md): 8 frames of 64x64, R3D-18 at width 16 (2.1M parameters), small heads,
+  400 steps of 16 clips. On COVID-BLUES clips its linear probe beats the random R3D by +0.09 to
+  +0.10 accuracy on COVID and +0.05 to +0.07 on B-lines (two pretraining seeds, 13-15 of 15
+  paired runs ahead; RESULTS BYOL-3D session 11).
 
   R3D-18, not Darknet-53-3D: issue 4 names it the variant for small machines, and at this size
-  it is the encoder whose BYOL features beat its own random init (5 of 5 pretraining runs on
-  COVID-BLUES; clearly on B-lines, by 0.002-0.04 accuracy on COVID); the Darknet-53-3D at
-  width 4 (1.8M parameters, 8 clips/s) did not consistently in eleven runs. For the paper's
-  trunk on the CPU: ``--config.model.encoder=darknet53_3d
-  --config.model.encoder_kwargs.num_filters=4 --config.num_steps=1000 --config.ckpt_every=250``."""
+  it is the encoder whose BYOL features beat its own random init in every run; the
+  Darknet-53-3D at width 4 (1.8M parameters, 8 clips/s) did not consistently in eleven runs
+  (with the additive brightness). For the paper's trunk on the CPU:
+  ``--config.model.encoder=darknet53_3d --config.model.encoder_kwargs.num_filters=4
+  --config.num_steps=1000 --config.ckpt_every=250`` (and ``--config.aug.brightness_mode=add`` to
+  reproduce those runs)."""
   c.image_size = (64, 64)
   c.batch_size = 16
   c.num_steps = 400
