@@ -198,12 +198,17 @@ def test_config_errors_name_the_key():
     av.augment_video(jax.random.key(0), jnp.zeros((2, 4, 8, 8, 1), jnp.uint8), cfg)
 
 
+def _colour_only(mode):
+  """Table 2's colour jitter alone, outputs in [0, 1] intensity units."""
+  return augment.AugmentConfig(out_size=(4, 4), **{**OFF, "color_prob": 1.0}, brightness=0.3,
+                               contrast=0.3, brightness_mode=mode, mean=0.0, std=1.0)
+
+
 @pytest.mark.parametrize("mode", ["add", "scale"])
 def test_colour_jitter_by_hand(mode):
   """Contrast about the clip mean, then brightness b added ("add") or as the factor 1 + b
   ("scale", torchvision's ColorJitter); the draws are the ones sample_intensity makes."""
-  cfg = augment.AugmentConfig(out_size=(4, 4), **{**OFF, "color_prob": 1.0}, brightness=0.3,
-                              contrast=0.3, brightness_mode=mode, mean=0.0, std=1.0)
+  cfg = _colour_only(mode)
   clip = jnp.asarray(np.arange(2 * 4 * 4).reshape(2, 4, 4, 1) * 5, jnp.uint8)
   key = jax.random.key(3)
   out = jax.jit(augment.augment_clip, static_argnums=2)(key, clip, cfg)
@@ -252,8 +257,7 @@ def test_table2_brightness_never_blacks_out_a_dark_clip(mode, blacked_out):
   alone, 64 draws (contrast about a constant clip's mean changes nothing): torchvision's factor
   keeps every pixel within 0.16 * (1 +- 0.3); the additive +-0.3 takes the whole clip to 0
   whenever b < -0.16."""
-  cfg = augment.AugmentConfig(out_size=(4, 4), **{**OFF, "color_prob": 1.0}, brightness=0.3,
-                              contrast=0.3, brightness_mode=mode, mean=0.0, std=1.0)
+  cfg = _colour_only(mode)
   clip = jnp.full((2, 4, 4, 1), 40, jnp.uint8)
   out = np.asarray(jax.jit(jax.vmap(lambda k: augment.augment_clip(k, clip, cfg)))(_keys(64)))
   lowest = out.reshape(64, -1).min(axis=1)

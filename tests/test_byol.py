@@ -220,9 +220,7 @@ def test_sharded_simclr_video_step_equals_single_device(dataset):
   assert c.method == "simclr_video"
   l8, s8 = fixtures.run_steps(c, parallel.make_mesh(8), 2)
   l1, s1 = fixtures.run_steps(c, parallel.make_mesh(1), 2)
-  # NT-Xent over 2N - 1 = 15 candidates with cosines in [-1, 1] lies within log(15) +- 2 / T.
-  bound = 2.0 / c.loss.temperature
-  assert all(abs(l - math.log(15)) <= bound for l in l1), l1
+  # One clip per device: only negatives gathered from all 8 devices make l8 equal l1.
   np.testing.assert_allclose(l8, l1, rtol=2e-5)
   for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5)
