@@ -84,11 +84,12 @@ def features(method, variables, index, pool: str = "none"):
   return f
 
 
-def linear_probe(train_x, train_y, test_x, test_y) -> float:
+def linear_probe(train_x, train_y, test_x, test_y, c: float = 0.1) -> float:
+  """Test accuracy of logistic regression (inverse regularisation ``c``) on standardised features."""
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
   from sklearn.pipeline import make_pipeline  # pylint: disable=g-import-not-at-top
   from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
-  clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1))
+  clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=c))
   clf.fit(train_x, train_y)
   return float(clf.score(test_x, test_y))
 
