@@ -13,9 +13,10 @@ logistic regression, fit on the 'train' split, accuracy on 'test') on
 - a randomly initialised ConvNet4 (the demo's config; init seed 12345 as in the demo, and with
   ``--random_seeds N`` the next N - 1 seeds too), on its flattened output and averaged over
   positions; with ``--workdir``, also the pretrained encoder of that pretraining run;
-- with ``--supervised_steps N``, the ceiling: the same ConvNet4 (random init) and a linear layer
-  trained end to end with the labels of 'train' (ssl_us.eval.protocols 'supervised': AdamW 1e-3,
-  batch 64, the fine-tuning augmentation of configs/finetune/base.py), accuracy on 'test'.
+- with ``--supervised_steps N`` (``--supervised_seeds K`` runs), the ceiling: the same ConvNet4
+  (random init) and a linear layer trained end to end with the labels of 'train'
+  (ssl_us.eval.protocols 'supervised': AdamW 1e-3, batch 64, the fine-tuning augmentation of
+  configs/finetune/base.py), accuracy on 'test'.
 A dataset whose classes the statistics rows already separate is one a random network separates
 too. ``--probe sweep`` asks whether a conclusion depends on the probe's regularisation: each
 feature set is probed at every C of ``PROBE_CS`` (test accuracy per C; the largest of them is an
@@ -118,9 +119,12 @@ def main(argv=None) -> int:
                       "C chosen by patient-grouped cross-validation on train")
   p.add_argument("--supervised_steps", type=int, default=0,
                  help="also train ConvNet4 with the labels for this many steps (0: skip)")
+  p.add_argument("--supervised_seeds", type=int, default=1,
+                 help="supervised runs (seeds 0, 1, ...: init, batches and augmentation)")
   a = p.parse_args(argv)
-  if a.random_seeds < 1:
-    p.error(f"--random_seeds must be >= 1, got {a.random_seeds}")
+  for flag in ("random_seeds", "supervised_seeds"):
+    if getattr(a, flag) < 1:
+      p.error(f"--{flag} must be >= 1, got {getattr(a, flag)}")
   import jax  # pylint: disable=g-import-not-at-top
   from configs import simclr_muscle  # pylint: disable=g-import-not-at-top
   from ssl_us import checkpoint, demo  # pylint: disable=g-import-not-at-top
@@ -146,10 +150,11 @@ def main(argv=None) -> int:
     for pool in ("none", "avg"):
       feats.append((f"{name}, {'flattened' if pool == 'none' else 'averaged'}",
                     demo.features(m, variables, tr, pool), demo.features(m, variables, te, pool)))
-  supervised = None
-  if a.supervised_steps > 0:
-    supervised = (f"supervised ConvNet4 + linear layer, {a.supervised_steps} steps (ceiling)",
-                  supervised_accuracy(tr, xtr, te, xte, a.supervised_steps))
+  supervised = []
+  for seed in range(a.supervised_seeds if a.supervised_steps > 0 else 0):
+    supervised.append((f"supervised ConvNet4 + linear layer, {a.supervised_steps} steps (ceiling)"
+                       + (f", seed {seed}" if a.supervised_seeds > 1 else ""),
+                       supervised_accuracy(tr, xtr, te, xte, a.supervised_steps, seed)))
   chance = np.bincount(te.label).max() / len(te.label)
   head = f"features ({tr.num_records} train / {te.num_records} test frames)"
   if a.probe == "demo":
@@ -157,8 +162,8 @@ def main(argv=None) -> int:
     print("|---|---|")
     for name, f_tr, f_te in feats:
       print(f"| {name} | {demo.linear_probe(f_tr, tr.label, f_te, te.label):.3f} |")
-    if supervised:
-      print(f"| {supervised[0]} | {supervised[1]:.3f} |")
+    for name, acc in supervised:
+      print(f"| {name} | {acc:.3f} |")
     print(f"| chance | {chance:.3f} |")
     return 0
   print(f"| {head} | " + " | ".join(f"C={c:g}" for c in PROBE_CS) + " | C by grouped CV |")
@@ -168,8 +173,8 @@ def main(argv=None) -> int:
     print(f"| {name} | " + " | ".join(f"{test[c]:.3f}" for c in PROBE_CS)
           + f" | {acc:.3f} (C={chosen:g}) |", flush=True)
   blank = " | ".join("" for _ in PROBE_CS)
-  if supervised:
-    print(f"| {supervised[0]} | {blank} | {supervised[1]:.3f} |")
+  for name, acc in supervised:
+    print(f"| {name} | {blank} | {acc:.3f} |")
   print(f"| chance | {blank} | {chance:.3f} |")
   return 0
 
