@@ -113,7 +113,8 @@ def main(argv=None) -> int:
   p.add_argument("--dataset", required=True, help="data_prep dataset dir with train and test")
   p.add_argument("--workdir", help="a pretraining workdir: also probe its encoder")
   p.add_argument("--random_seeds", type=int, default=1,
-                 help=f"random-init ConvNet4s to probe (seeds {RANDOM_SEED}, {RANDOM_SEED} + 1, ...)")
+                 help=f"random-init ConvNet4s to probe (seeds {RANDOM_SEED}, {RANDOM_SEED + 1}, "
+                      "...)")
   p.add_argument("--probe", choices=("demo", "sweep"), default="demo",
                  help=f"demo: the demo's probe (C={DEMO_C}); sweep: every C of {PROBE_CS} and the "
                       "C chosen by patient-grouped cross-validation on train")

@@ -85,7 +85,7 @@ def features(method, variables, index, pool: str = "none"):
 
 
 def linear_probe(train_x, train_y, test_x, test_y, c: float = 0.1) -> float:
-  """Test accuracy of logistic regression (inverse regularisation ``c``) on standardised features."""
+  """Test accuracy of a logistic regression (inverse regularisation c) on standardised features."""
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
   from sklearn.pipeline import make_pipeline  # pylint: disable=g-import-not-at-top
   from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
