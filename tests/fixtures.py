@@ -6,6 +6,7 @@ vertical) is the stripe orientation, so a trained encoder can separate the class
 script in a fresh Python on 8 fake CPU devices.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -80,6 +81,120 @@ def run_steps(config, mesh, steps):
     state, m = step(state, parallel.shard_host_batch(b, mesh))
     losses.append(float(m["loss"]))
   return losses, jax.device_get(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded == single device, in float32, to a derived tolerance.
+#
+# The 8-device and the 1-device programs compute the same sums in different orders: BatchNorm
+# statistics as 8 partial sums then a psum instead of one reduction, NT-Xent over gathered rows,
+# and every reduction vectorised for a per-device batch of n/8 instead of n (XLA's vector width
+# also differs between x86 CPUs: SSE, AVX2, AVX-512). In float64 the two programs agree to 1e-14
+# (benchmarks/RESULTS.md, issue 27), so what differs in float32 is rounding. A sum of K terms
+# whose order changes moves by about sqrt(K) * u relative, u = 2**-24 = 6.0e-8 (random-walk
+# rounding); the longest sums here are BatchNorm's over the views of the global batch,
+# K <= 2**14 elements per channel (16 views x 4 frames x 16 x 16), so sqrt(K) * u <= 7.7e-6 per
+# normalised layer, and forward plus backward through the <= 10 such layers of the tiny test
+# models adds up to <= 7.7e-5. Hence FLOAT32_STEP_RTOL = 1e-4, relative to the norm of the
+# whole quantity (gradient, update): measured at most 6.1e-6 (SimCLR and BYOL-3D test configs,
+# XLA's SSE4.2 and AVX-512 code, --xla_cpu_max_isa), while a real difference, BatchNorm
+# statistics taken per device, moves the loss by 0.17-0.38 and the gradient by 0.56-1.9
+# (test_train.test_equivalence_check_catches_per_device_batchnorm).
+#
+# Only what one step computes from a shared state is compared. Trajectories are not: after the
+# first step the two states differ by that rounding, and the next gradients (BatchNorm over
+# 12x12 frames, SGD with lr 0.1 and momentum) amplify it about 40x per step. Elementwise
+# comparisons are not used either: a leaf whose true gradient is 0 (a bias feeding a BatchNorm)
+# holds pure rounding noise, so each leaf is compared against the norm of its whole tree.
+FLOAT32_STEP_RTOL = 1e-4
+
+
+def normwise_errors(got, want) -> dict:
+  """{leaf path: ||got_l - want_l|| / ||want||}, the denominator over the whole tree (1 if
+  ``want`` is all zeros, so the errors are then absolute)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  want_l = jax.tree_util.tree_leaves_with_path(want)
+  got_l = jax.tree.leaves(got)
+  assert len(got_l) == len(want_l), (len(got_l), len(want_l))
+  scale = math.sqrt(sum(float(np.sum(np.square(np.asarray(w, np.float64))))
+                        for _, w in want_l))
+  scale = scale or 1.0
+  return {jax.tree_util.keystr(p): float(np.linalg.norm(
+      (np.asarray(g, np.float64) - np.asarray(w, np.float64)).ravel())) / scale
+          for (p, w), g in zip(want_l, got_l)}
+
+
+def _delta(new, old):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+                      new, old)
+
+
+def sharded_step_errors(config, steps: int = 2, devices: int = 8,
+                        full: bool = True) -> list[dict]:
+  """Per step, from one shared state: the normwise relative differences between ``devices``
+  devices and one device of the loss, its gradient and, if ``full``, the BatchNorm statistics
+  the loss step produces and the train step's parameter and variable updates. The shared state
+  follows the 1-device run. Returns one {quantity: max relative error} per step.
+
+  ``full=False`` measures a method whose statistics wrongly differ between devices, which
+  shard_map would refuse to return as replicated."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from ssl_us import parallel, train  # pylint: disable=g-import-not-at-top
+  meshes = {n: parallel.make_mesh(n) for n in (devices, 1)}
+  setups = {n: train.build(config, m) for n, m in meshes.items()}
+  it = iter(train.make_input(setups[1], config))
+  batches = [next(it) for _ in range(steps)]
+  state = jax.device_get(train.init_state(setups[1], config, batches[0]))
+
+  def grad_fn(n):
+    method = setups[n].method
+
+    def f(state, batch):
+      rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+      (loss, (new_vars, _)), grads = jax.value_and_grad(method.loss, has_aux=True)(
+          state.params, state.variables, batch, rng)
+      return (loss, grads, new_vars) if full else (loss, grads, {})
+    return jax.jit(jax.shard_map(f, mesh=meshes[n], in_specs=(P(), P(parallel.DATA)),
+                                 out_specs=(P(), P(), P())))
+
+  fns = {n: (grad_fn(n), train.make_train_step(s.method, s.tx, s.schedule, meshes[n]))
+         for n, s in setups.items()}
+  errors = []
+  for batch in batches:
+    out = {}
+    for n, (g_fn, step_fn) in fns.items():
+      put = lambda x, n=n: parallel.replicate(x, meshes[n])
+      sharded = parallel.shard_host_batch(batch, meshes[n])
+      loss, grads, new_vars = jax.device_get(g_fn(put(state), sharded))
+      new_state = jax.device_get(step_fn(put(state), sharded)[0]) if full else state
+      out[n] = dict(loss=loss, grads=grads, new_vars=_delta(new_vars, {
+          k: state.variables[k] for k in new_vars}), new_state=new_state)
+    a, b = out[devices], out[1]
+    err = {"loss": abs(float(a["loss"]) - float(b["loss"])) / abs(float(b["loss"]))}
+    for k in ("grads", "new_vars"):
+      err[k] = max(normwise_errors(a[k], b[k]).values(), default=0.0)
+    for k in ("params", "variables") if full else ():
+      err[f"update_{k}"] = max(normwise_errors(
+          _delta(getattr(a["new_state"], k), getattr(state, k)),
+          _delta(getattr(b["new_state"], k), getattr(state, k))).values(), default=0.0)
+    errors.append(err)
+    state = b["new_state"]
+  return errors
+
+
+def assert_sharded_step_equals_single_device(config, steps: int = 2, devices: int = 8):
+  """Every quantity of every step within FLOAT32_STEP_RTOL (see the derivation above).
+
+  The config's optimizer must be linear in the gradient (SGD, LARS): Adam's first update is
+  g / |g| elementwise, which turns the rounding noise of a zero gradient into +-lr."""
+  assert config.optim.name in ("sgd", "lars"), config.optim.name
+  errors = sharded_step_errors(config, steps, devices)
+  for i, err in enumerate(errors):
+    for k, v in err.items():
+      assert v <= FLOAT32_STEP_RTOL, f"step {i}: {k} differs by {v:.3e} relative: {errors}"
+  return errors
 
 
 def run_on_8_cpu_devices(script: str, *args: str, timeout: int = 300) -> str:

@@ -113,10 +113,14 @@ _SHARDED = textwrap.dedent("""
     argnums = (0, 1, 2, 3)
     v1, g1 = jax.jit(jax.value_and_grad(single, argnums))(*args)
     v8, g8 = jax.jit(jax.value_and_grad(sharded, argnums))(*[put(a) for a in args])
-    np.testing.assert_allclose(v8, v1, rtol=1e-5)
+    # Float32 rounding only, to the tolerance derived in tests/fixtures.py.
+    from tests import fixtures
+    tol = fixtures.FLOAT32_STEP_RTOL
+    assert abs(float(v8) - float(v1)) <= tol * abs(float(v1)), (float(v8), float(v1))
     for x, y in zip(g8, g1):
       assert float(jnp.abs(y).max()) > 1e-4
-      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    errors = fixtures.normwise_errors(g8, g1)
+    assert max(errors.values()) <= tol, errors
     print("OK")
 """)
 
