@@ -27,5 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.ckpt_every = 1000
   c.keep_checkpoints = 3
+  # Steps whose loss or gradient is NaN/Inf leave the state unchanged; after this many in a row
+  # (checked at log steps) the run stops with an error naming the newest good checkpoint.
+  c.max_nonfinite_steps = 10
   c.progress_bar = True
   return c

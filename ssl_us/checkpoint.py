@@ -6,11 +6,19 @@ state of every process). Orbax writes each step to a temporary directory and ren
 complete, so a preempted save is never taken for a checkpoint. <workdir>/config.json and
 <workdir>/batch_spec.json (shapes of one host batch) let ``load_encoder`` rebuild the model
 without the data.
+
+Damage (truncated or corrupted files, a missing item) is survived: ``restore_latest`` warns
+about a step that does not restore, names it and the reason, and tries the next newest. The
+damaged step stays where it is until the resumed run saves that step number again; it is then
+moved, not deleted, to <workdir>/checkpoints.damaged/<step>-<time>.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import time
 
 import grain
 import jax
@@ -71,31 +79,104 @@ def make_manager(workdir: str, config) -> ocp.CheckpointManager:
                      "data": grain.checkpoint.CheckpointHandler()})
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be restored; the message names the step and the reason."""
+
+
+# A TensorStore status in an error message: 'OUT_OF_RANGE: Error reading "<array key>" in OCDBT
+# database at local file "<path>": ...', followed by a long spec that says nothing more.
+_STATUS = re.compile(r"\b((?:OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|INVALID_ARGUMENT|FAILED_PRECONDITION|"
+                     r"PERMISSION_DENIED|UNAVAILABLE|INTERNAL|UNKNOWN): .*?)(?: \[tensorstore_spec|\n|$)")
+
+
+def _reason(e: BaseException) -> str:
+  """One line naming the file: the first TensorStore status along the exception's chain of
+  causes, else the exception's type and first line."""
+  chain, x = [], e
+  while x is not None and x not in chain and len(chain) < 8:
+    chain.append(x)
+    x = x.__cause__ or x.__context__
+  for x in chain:
+    status = _STATUS.search(str(x))
+    if status:
+      return status.group(1).strip()[:500]
+  return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:500]}"
+
+
+def _steps(manager) -> list[int]:
+  manager.reload()
+  return sorted(manager.all_steps())
+
+
+def describe_latest(manager) -> str:
+  steps = _steps(manager)
+  return f"step {steps[-1]} in {manager.directory}" if steps else f"none in {manager.directory}"
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, data_iter):
+  if step in _steps(manager):
+    # Only a step that did not restore can be here again (restore_latest fell back below it):
+    # keep it for the user, out of the manager's way.
+    src = os.path.join(str(manager.directory), str(step))
+    dst = os.path.join(f"{manager.directory}.damaged", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      shutil.move(src, dst)
+      print(f"checkpoint step {step} did not restore; moved to {dst} to save step {step} anew",
+            flush=True)
+    _barrier(f"ssl_us_move_damaged_{step}")
+    manager.reload()
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)))
+
+
+def _barrier(name):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _all_processes_ok(ok: bool) -> bool:
+  """True iff ``ok`` on every process (they must agree on the step they restore)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def restore_latest(manager: ocp.CheckpointManager, state, data_iter):
-  """(state, step) from the latest checkpoint, restoring ``data_iter`` in place; else (state, None)."""
-  step = manager.latest_step()
-  if step is None:
-    return state, None
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(_abstract(state)),
-      data=grain.checkpoint.CheckpointRestore(data_iter)))
-  return restored["state"], step
+def restore_latest(manager: ocp.CheckpointManager, state, data_iter, log_fn=None):
+  """(state, step) from the newest checkpoint that restores, restoring ``data_iter`` in place;
+  (state, None) if there is none. A step that fails (on any process) is reported through
+  ``log_fn`` with its reason and skipped; if every step fails, CheckpointError lists them."""
+  log_fn = log_fn or print
+  tried = []
+  for step in reversed(_steps(manager)):
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_abstract(state)),
+          data=grain.checkpoint.CheckpointRestore(data_iter)))
+      reason = None
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore, orbax, OS, grain)
+      reason = _reason(e)
+    if _all_processes_ok(reason is None):
+      return restored["state"], step
+    reason = reason or "failed on another process"
+    log_fn(f"WARNING: checkpoint step {step} in {manager.directory} does not restore "
+           f"({reason}); it is left in place; trying the next newest")
+    tried.append(f"step {step}: {reason}")
+  if tried:
+    raise CheckpointError(f"no checkpoint in {manager.directory} restores; tried "
+                          + "; ".join(tried))
+  return state, None
 
 
-def load_variables(workdir: str, step: int | None = None):
-  """(config, method, variables) of a pretraining run at ``step`` (default: latest).
-
-  ``variables`` is {'params': ..., **non-param collections and extras}, on the default device.
-  """
+def load_state(workdir: str, step: int | None = None):
+  """(config, method, TrainState) of a pretraining run at ``step`` (default: latest), on the
+  default device. A step that does not restore raises CheckpointError naming it and the file."""
   from ssl_us import train  # pylint: disable=g-import-not-at-top
   from ssl_us.methods import make_method  # pylint: disable=g-import-not-at-top
   config = load_config(workdir)
@@ -118,10 +199,25 @@ def load_variables(workdir: str, step: int | None = None):
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           abstract)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract)))["state"]
-  manager.close()
-  return config, method, {"params": restored.params, **restored.variables}
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+  except Exception as e:  # pylint: disable=broad-except  (tensorstore, orbax, OS)
+    raise CheckpointError(f"{workdir}: checkpoint step {step} cannot be restored "
+                          f"({_reason(e)}); other steps: "
+                          f"{sorted(set(steps) - {step})}") from None
+  finally:
+    manager.close()
+  return config, method, restored
+
+
+def load_variables(workdir: str, step: int | None = None):
+  """(config, method, variables) of a pretraining run at ``step`` (default: latest).
+
+  ``variables`` is {'params': ..., **non-param collections and extras}, on the default device.
+  """
+  config, method, state = load_state(workdir, step)
+  return config, method, {"params": state.params, **state.variables}
 
 
 def load_encoder(workdir: str, step: int | None = None):

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -60,6 +63,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
                      f"(got {config.num_steps} and {config.get('num_epochs')})")
   if not config.data.dir:
     raise ValueError("config.data.dir is empty: pass --config.data.dir=<data_prep dataset dir>")
+  m = config.get("max_nonfinite_steps", 1)
+  if not isinstance(m, int) or m < 1:
+    raise ValueError(f"config.max_nonfinite_steps must be an int >= 1, got {m!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,6 +130,7 @@ class TrainState:
   opt_state: Any
   variables: Any     # non-parameter collections and extras (batch_stats, BYOL target, ...)
   rng: jax.Array     # raw uint32 key data, so orbax can save it
+  nonfinite: jax.Array  # consecutive non-finite steps up to this one (0 after a finite step)
 
 
 def create_state(method, tx, rng, sample_batch) -> TrainState:
@@ -131,15 +138,27 @@ def create_state(method, tx, rng, sample_batch) -> TrainState:
   variables = dict(method.init(k_init, sample_batch))
   params = variables.pop("params")
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    variables=variables, rng=jax.random.key_data(k_train))
+                    variables=variables, rng=jax.random.key_data(k_train),
+                    nonfinite=jnp.zeros((), jnp.int32))
+
+
+def all_finite(tree) -> jax.Array:
+  """True iff no floating leaf of ``tree`` holds a NaN or an Inf (optax's check)."""
+  floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.logical_not(optax.skip_not_finite(floats, None, None)[0])
 
 
 # ----------------------------------------------------------------------------------------------
 # Step.
 
 
-def train_step(state: TrainState, batch, *, method, tx, schedule):
-  """One optimizer step, per device (inside shard_map over the method's axis_name)."""
+def train_step(state: TrainState, batch, *, method, tx, schedule, guard: bool = True):
+  """One optimizer step, per device (inside shard_map over the method's axis_name).
+
+  ``guard``: a step whose loss or any gradient is NaN or Inf changes nothing but the step
+  counter (the data moves on) and ``nonfinite``: no parameter update, no optimizer moment,
+  no BatchNorm statistics, no EMA target. Its metrics are zeros, counted out at log steps.
+  """
   # The step key is the same on every device; methods derive per-example keys from global
   # example indices (augment.example_keys) and fold the device index in where they need
   # per-device randomness (dropout), so results do not depend on the device count.
@@ -151,14 +170,21 @@ def train_step(state: TrainState, batch, *, method, tx, schedule):
   variables = method.after_update({**state.variables, **new_vars}, params, state.step)
   metrics = dict(metrics, loss=loss, learning_rate=schedule(state.step),
                  grad_norm=optax.tree.norm(grads))
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            variables=variables)
+  # Loss and gradients are global (identical on every device), so is the decision.
+  ok = jnp.isfinite(loss) & all_finite(grads) if guard else jnp.asarray(True)
+  keep = lambda new, old: optax.tree_utils.tree_where(ok, new, old)
+  nonfinite = jnp.where(ok, 0, state.nonfinite + 1)
+  metrics = dict(keep(metrics, jax.tree.map(jnp.zeros_like, metrics)),
+                 nonfinite_steps=1 - ok.astype(jnp.int32), nonfinite_streak=nonfinite)
+  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                            opt_state=keep(opt_state, state.opt_state),
+                            variables=keep(variables, state.variables), nonfinite=nonfinite)
   return new_state, metrics
 
 
-def make_train_step(method, tx, schedule, mesh):
+def make_train_step(method, tx, schedule, mesh, guard: bool = True):
   """The jitted, shard_mapped step; the state is donated."""
-  step = functools.partial(train_step, method=method, tx=tx, schedule=schedule)
+  step = functools.partial(train_step, method=method, tx=tx, schedule=schedule, guard=guard)
   mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(parallel.DATA)),
                          out_specs=(P(), P()))
   return jax.jit(mapped, donate_argnums=0)
@@ -209,33 +235,110 @@ def init_state(setup: Setup, config, sample_batch) -> TrainState:
 
 
 # ----------------------------------------------------------------------------------------------
+# Preemption.
+
+
+class StopSignal:
+  """SIGTERM or SIGINT: stop after the current step, save a checkpoint, return normally.
+
+  One process: the handlers set a flag that the loop reads after every step (no device sync).
+  Several processes: every process must stop at the same step, so the decision goes through
+  JAX's preemption service (jax.distributed): it owns SIGTERM, and
+  ``multihost_utils.reached_preemption_sync_point``, called after every step, returns True on
+  all processes at the same step once any of them got one. SIGINT is turned into a SIGTERM of
+  the process to take that path. After the first signal the previous handlers are back, so a
+  second one acts as usual (SIGINT: KeyboardInterrupt; SIGTERM: exit without saving).
+  """
+
+  def __init__(self):
+    self.multiprocess = jax.process_count() > 1
+    self.received: str | None = None
+    self._previous: dict = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():  # signal.signal's requirement
+      sigs = (signal.SIGINT,) if self.multiprocess else (signal.SIGTERM, signal.SIGINT)
+      self._previous = {s: signal.signal(s, self._handle) for s in sigs}
+    return self
+
+  def __exit__(self, *exc):
+    self._restore()
+
+  def _restore(self):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+    self._restore()
+    logging.warning("%s received: stopping after the current step with a checkpoint",
+                    self.received)
+    if self.multiprocess:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def should_stop(self, step: int) -> bool:
+    if not self.multiprocess:
+      return self.received is not None
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return multihost_utils.reached_preemption_sync_point(step)
+
+
+class NonFiniteError(RuntimeError):
+  """Too many non-finite steps in a row; the message names the step and the last checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------------
 # Loop.
+
+
+def _accumulate(pending, metrics):
+  """Per-step metrics summed on device between log steps; the non-finite streak keeps its max."""
+  if pending is None:
+    return metrics
+  return {k: (jnp.maximum if k == "nonfinite_streak" else jnp.add)(pending[k], v)
+          for k, v in metrics.items()}
+
+
+def _host_metrics(pending, count) -> dict:
+  """Means over the finite steps of the interval, the count of non-finite ones, the streak."""
+  raw = jax.device_get(pending)
+  skipped = int(raw.pop("nonfinite_steps"))
+  streak = int(raw.pop("nonfinite_streak"))
+  good = count - skipped
+  host = {k: float(v) / good if good else float("nan") for k, v in raw.items()}
+  return dict(host, nonfinite_steps=skipped, nonfinite_streak=streak)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                        max_steps: int | None = None, log_fn=None) -> dict:
   """Pretrain to config.num_steps (or stop early at ``max_steps``); resumes from the workdir.
 
-  Returns the host-side history: {'step': [...], 'loss': [...], ...} at each logging step.
+  Returns the host-side history: {'step': [...], 'loss': [...], ...} at each logging step,
+  'final_step', and 'preempted' (the signal's name) when SIGTERM or SIGINT stopped the run
+  after saving. Raises NonFiniteError after config.max_nonfinite_steps non-finite steps in a
+  row (checked at log steps, where metrics reach the host).
   """
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   setup = build(config, mesh)
   config = setup.config
   os.makedirs(workdir, exist_ok=True)
   ckpt_lib.save_config(workdir, config)
+  say = log_fn or (lambda msg: logging.warning("%s", msg) if jax.process_index() == 0 else None)
 
   # Input.
   ds = make_input(setup, config)
   data_iter = iter(ds)
 
-  # State: fresh, or restored with the input iterator from the latest checkpoint.
+  # State: fresh, or restored with the input iterator from the newest checkpoint that restores.
   sample = next(iter(input_pipeline.make_dataset(
       setup.index, setup.method.sampler, global_batch=config.batch_size, seed=config.seed,
       process_index=0, process_count=jax.process_count(), num_workers=0)))
   ckpt_lib.save_batch_spec(workdir, sample)
   state = init_state(setup, config, sample)
   manager = ckpt_lib.make_manager(workdir, config)
-  state, restored_step = ckpt_lib.restore_latest(manager, state, data_iter)
+  state, restored_step = ckpt_lib.restore_latest(manager, state, data_iter, log_fn=say)
   start = int(restored_step or 0)
 
   step_fn = make_train_step(setup.method, setup.tx, setup.schedule, setup.mesh)
@@ -245,32 +348,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
     writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
 
   end = config.num_steps if max_steps is None else min(config.num_steps, max_steps)
-  history: dict[str, list] = {}
+  history: dict[str, Any] = {}
   views_per_example = 2
   progress = _Progress(start, end, config.log_every, config.batch_size * views_per_example,
                        enabled=jax.process_index() == 0 and config.get("progress_bar", True))
   pending, count = None, 0  # metric sums stay on device between logging steps
-  for step in range(start, end):
-    batch = parallel.shard_host_batch(next(data_iter), setup.mesh)
-    state, metrics = step_fn(state, batch)
-    pending = metrics if pending is None else jax.tree.map(jnp.add, pending, metrics)
-    count += 1
-    last = step + 1
-    if last % config.log_every == 0 or last == end:
-      host = {k: float(v) / count for k, v in jax.device_get(pending).items()}
-      pending, count = None, 0
-      host.update(progress.rates(last))
-      writer.write_scalars(last, host)
-      for k, v in host.items():
-        history.setdefault(k, []).append(v)
-      history.setdefault("step", []).append(last)
-      progress.log(last, host, log_fn)
-    if last % config.ckpt_every == 0 or last == end:
-      ckpt_lib.save(manager, last, state, data_iter)
+  last = start
+  with StopSignal() as stop:
+    for step in range(start, end):
+      batch = parallel.shard_host_batch(next(data_iter), setup.mesh)
+      state, metrics = step_fn(state, batch)
+      pending, count = _accumulate(pending, metrics), count + 1
+      last = step + 1
+      stopping = stop.should_stop(last)
+      if last % config.log_every == 0 or last == end or stopping:
+        host = _host_metrics(pending, count)
+        pending, count = None, 0
+        host.update(progress.rates(last))
+        writer.write_scalars(last, host)
+        for k, v in host.items():
+          history.setdefault(k, []).append(v)
+        history.setdefault("step", []).append(last)
+        progress.log(last, host, log_fn)
+        if host["nonfinite_streak"] >= config.max_nonfinite_steps:
+          manager.wait_until_finished()
+          raise NonFiniteError(
+              f"step {last}: {host['nonfinite_streak']} steps in a row had a non-finite loss or "
+              f"gradient (config.max_nonfinite_steps={config.max_nonfinite_steps}); they left "
+              f"the state unchanged. Newest good checkpoint: "
+              f"{ckpt_lib.describe_latest(manager)}. Lower optim.base_lr or check the data.")
+      if last % config.ckpt_every == 0 or last == end or stopping:
+        if not bool(jax.jit(all_finite)((state.params, state.opt_state, state.variables))):
+          raise NonFiniteError(f"step {last}: the state holds NaN or Inf; not saved. Newest good "
+                               f"checkpoint: {ckpt_lib.describe_latest(manager)}")
+        ckpt_lib.save(manager, last, state, data_iter)
+      if stopping:
+        manager.wait_until_finished()
+        history["preempted"] = stop.received or "SIGTERM"
+        say(f"{history['preempted']}: stopped after step {last} of {end}, checkpoint saved in "
+            f"{manager.directory}; run the same command to resume")
+        break
   manager.wait_until_finished()
   writer.flush()
   progress.close()
-  history["final_step"] = end
+  history["final_step"] = last
   return history
 
 
@@ -309,6 +430,8 @@ class _Progress:
            f"acc {host.get('contrastive_acc', float('nan')):.3f} "
            f"lr {host['learning_rate']:.2e} {host['views_per_sec']:.1f} views/s "
            f"eta {host['eta_min']:.1f} min")
+    if host.get("nonfinite_steps"):
+      msg += f" non-finite steps skipped {host['nonfinite_steps']}"
     self.bar.set_postfix_str(f"loss {host['loss']:.4f}")
     if log_fn is not None:
       log_fn(msg)

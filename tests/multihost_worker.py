@@ -1,30 +1,43 @@
-"""One process of the two-process test (tests/test_multihost.py); not a test by itself.
+"""One process of the two-process tests (tests/test_multihost.py); not a test by itself.
 
-  python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR WORKDIR OUT_JSON
+  python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR WORKDIR OUT_JSON \
+      [NUM_STEPS NUM_WORKERS PACE_S]
 
 Each process has 4 fake CPU devices; jax.distributed joins them into one 8-device mesh with gloo
-CPU collectives. Trains a few steps, checkpoints, and writes the logged losses.
+CPU collectives. Trains test_train's tiny config (NUM_STEPS, default 3; checkpoints every 3
+steps and at the end; NUM_WORKERS grain worker processes, default 0), resuming from WORKDIR,
+prints every log line (then sleeps PACE_S, so a test can signal it at a chosen step) and writes
+the history to OUT_JSON.
 """
 import json
 import os
 import sys
+import time
 
-pid, nproc, port, data_dir, workdir, out = sys.argv[1:7]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
+def main(pid, nproc, port, data_dir, workdir, out, num_steps="3", num_workers="0", pace="0"):
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import jax  # pylint: disable=g-import-not-at-top
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(coordinator_address=f"localhost:{port}",
-                           num_processes=int(nproc), process_id=int(pid))
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}",
+                             num_processes=int(nproc), process_id=int(pid))
 
-from ssl_us import parallel, train  # noqa: E402
-from tests import test_train  # noqa: E402
+  from ssl_us import parallel, train  # pylint: disable=g-import-not-at-top
+  from tests import test_train  # pylint: disable=g-import-not-at-top
 
-config = test_train.tiny_config(data_dir, num_steps=3)
-history = train.train_and_evaluate(config, workdir, mesh=parallel.make_mesh())
-with open(out, "w") as f:
-  json.dump({"loss": history["loss"], "devices": jax.device_count(),
-             "local": jax.local_device_count()}, f)
-jax.distributed.shutdown()
+  def log(msg):
+    print(msg, flush=True)
+    time.sleep(float(pace))
+
+  config = test_train.tiny_config(data_dir, num_steps=int(num_steps), ckpt_every=3)
+  config.data.num_workers = int(num_workers)
+  history = train.train_and_evaluate(config, workdir, mesh=parallel.make_mesh(), log_fn=log)
+  with open(out, "w") as f:
+    json.dump(dict(history, devices=jax.device_count(), local=jax.local_device_count()), f)
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":  # grain starts its worker processes with spawn
+  main(*sys.argv[1:])

@@ -1,14 +1,16 @@
-"""Two local processes joined by jax.distributed (gloo CPU collectives) == one process."""
+"""Two local processes joined by jax.distributed (gloo CPU collectives): equal to one process,
+and surviving SIGTERM on one process and SIGKILL of both with bit-exact resumes."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 
 import numpy as np
 
-from ssl_us import parallel, train
-from tests import fixtures, test_train
+from ssl_us import checkpoint, parallel, train
+from tests import fixtures, test_survival, test_train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -19,21 +21,29 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process(tmp_path):
-  data = fixtures.write_dataset(str(tmp_path / "data"), num_videos=8, frames=4)
+def _launch(tmp_path, data, wd, tag, steps=3, workers=0, pace=0.0):
   port = _free_port()
   # No persistent compilation cache: a cache hit in one process and a compile in the other
   # desynchronises the processes' collectives.
   env = {k: v for k, v in os.environ.items()
          if k != "XLA_FLAGS" and not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
-  procs = [subprocess.Popen(
+  return [subprocess.Popen(
       [sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), "2", str(port), data,
-       str(tmp_path / "wd"), str(tmp_path / f"out{i}.json")],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+       wd, str(tmp_path / f"{tag}{i}.json"), str(steps), str(workers), str(pace)],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      start_new_session=True) for i in range(2)]
+
+
+def _finish(procs, tmp_path, tag):
   logs = [p.communicate(timeout=900)[0] for p in procs]
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[:4000] + "\n...\n" + log[-2000:]
-  outs = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+  return [json.loads((tmp_path / f"{tag}{i}.json").read_text()) for i in range(2)], logs
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  data = fixtures.write_dataset(str(tmp_path / "data"), num_videos=8, frames=4)
+  outs, _ = _finish(_launch(tmp_path, data, str(tmp_path / "wd"), "out"), tmp_path, "out")
   assert outs[0]["devices"] == 8 and outs[0]["local"] == 4
   np.testing.assert_allclose(outs[0]["loss"], outs[1]["loss"])
   # The same global batches on one process with 8 devices.
@@ -43,3 +53,51 @@ def test_two_processes_equal_one_process(tmp_path):
   # Both processes' iterator states were checkpointed.
   step_dir = tmp_path / "wd" / "checkpoints" / "3" / "data"
   assert len([f for f in os.listdir(step_dir) if "process" in f]) == 2, os.listdir(step_dir)
+
+
+def _wait_for_line(proc, prefix, lines):
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith(prefix):
+      return
+  raise AssertionError("".join(lines)[-3000:])
+
+
+def test_sigterm_on_one_process_and_sigkill_of_both_resume_bit_exactly(tmp_path):
+  """Uninterrupted 10 steps, against: SIGTERM to process 1 alone (both stop at one agreed step,
+  save, exit 0), the same command again, SIGKILL of both between checkpoints, the same command
+  again. Each process runs 1 grain worker process."""
+  data = fixtures.write_dataset(str(tmp_path / "data"), num_videos=8, frames=4)
+  ref_wd = str(tmp_path / "ref")
+  ref, _ = _finish(_launch(tmp_path, data, ref_wd, "ref", 10, 1), tmp_path, "ref")
+  wd = str(tmp_path / "wd")
+
+  procs = _launch(tmp_path, data, wd, "term", 10, 1, pace=0.4)
+  _wait_for_line(procs[1], "step 2/10", [])
+  procs[1].send_signal(signal.SIGTERM)
+  term, logs = _finish(procs, tmp_path, "term")
+  stop = term[0]["final_step"]
+  assert term[1]["final_step"] == stop and 2 <= stop < 9, logs[1][-3000:]
+  assert term[0]["preempted"] == term[1]["preempted"] == "SIGTERM"
+  data_files = os.listdir(os.path.join(wd, "checkpoints", str(stop), "data"))
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_files), data_files
+
+  procs = _launch(tmp_path, data, wd, "kill", 10, 1, pace=0.4)
+  lines = []
+  _wait_for_line(procs[0], f"step {stop + 1}/10", lines)
+  for p in procs:
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(timeout=60)
+  saved = max(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
+  assert saved < 10
+
+  rest, _ = _finish(_launch(tmp_path, data, wd, "rest", 10, 1), tmp_path, "rest")
+  assert rest[0]["step"] == list(range(saved + 1, 11))
+  assert rest[0]["loss"] == rest[1]["loss"] == ref[0]["loss"][saved:]
+  test_survival.assert_states_equal(checkpoint.load_state(wd)[2],
+                                    checkpoint.load_state(ref_wd)[2])
+  for i in range(2):
+    name = f"process_{i}-of-2.json"
+    got, want = (open(os.path.join(d, "checkpoints", "10", "data", name)).read()
+                 for d in (wd, ref_wd))
+    assert json.loads(got) == json.loads(want)

@@ -1,0 +1,333 @@
+"""Long runs that survive: non-finite steps, damaged checkpoints, SIGTERM/SIGINT, SIGKILL.
+
+Resumed runs are compared with uninterrupted ones bit for bit: parameters, optimizer state,
+BatchNorm statistics, method extras (BYOL's EMA target), RNG, step, and the losses of every
+step after the restore (so the batches too).
+"""
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssl_us import checkpoint, parallel, train
+from tests import fixtures, test_byol, test_train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  return fixtures.write_dataset(str(tmp_path_factory.mktemp("data")), num_videos=8, frames=4)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+  return fixtures.write_dataset(str(tmp_path_factory.mktemp("clips")), num_videos=8, frames=8,
+                                clip_len=4)
+
+
+def assert_states_equal(a, b):
+  """Every leaf of two TrainStates equal to the bit, with its path on failure."""
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite steps.
+
+
+class _Poisoned:
+  """The method, with its loss times NaN (or Inf) when ``bad``: gradients turn non-finite."""
+
+  def __init__(self, method, bad, value):
+    self._method, self._bad, self._value = method, bad, value
+
+  def __getattr__(self, name):
+    return getattr(self._method, name)
+
+  def loss(self, params, variables, batch, rng):
+    loss, aux = self._method.loss(params, variables, batch, rng)
+    return loss * jnp.where(self._bad, self._value, 1.0), aux
+
+
+def poison_steps(monkeypatch, bad_steps, value=jnp.nan):
+  """train.make_train_step builds steps whose loss is ``value`` x the loss at ``bad_steps``."""
+  real = train.train_step
+
+  def step(state, batch, *, method, **kw):
+    bad = jnp.isin(state.step, jnp.asarray(bad_steps))
+    return real(state, batch, method=_Poisoned(method, bad, value), **kw)
+  monkeypatch.setattr(train, "train_step", step)
+
+
+@pytest.mark.parametrize("method,value", [("simclr", np.nan), ("byol", np.inf)])
+def test_nonfinite_step_leaves_the_state_unchanged(dataset, clips, monkeypatch, method, value):
+  config = (test_train.sgd_config(dataset) if method == "simclr"
+            else test_byol.tiny_config(clips))
+  mesh = parallel.make_mesh(2)
+  setup = train.build(config, mesh)
+  it = iter(train.make_input(setup, config))
+  batches = [parallel.shard_host_batch(next(it), mesh) for _ in range(3)]
+  poison_steps(monkeypatch, [1], value)
+  step_fn = train.make_train_step(setup.method, setup.tx, setup.schedule, mesh)
+  s0 = train.init_state(setup, config, next(it))
+  s1, m1 = step_fn(s0, batches[0])
+  s1_host = jax.device_get(s1)
+  s2, m2 = step_fn(s1, batches[1])         # poisoned
+  s2_host = jax.device_get(s2)
+  # Nothing moved but the step counter and the streak: parameters, Adam/SGD moments, BatchNorm
+  # statistics and (BYOL) the EMA target are bit-equal to the state before.
+  for k in ("params", "opt_state", "variables", "rng"):
+    jax.tree.map(np.testing.assert_array_equal, getattr(s2_host, k), getattr(s1_host, k))
+  assert int(s2_host.step) == 2 and int(s2_host.nonfinite) == 1
+  assert int(m2["nonfinite_steps"]) == 1 and int(m2["nonfinite_streak"]) == 1
+  assert float(m2["loss"]) == 0.0                      # zeroed, counted out at log steps
+  if method == "byol":
+    assert "target" in s2_host.variables
+  # The next finite step moves the state again and resets the streak.
+  s3, m3 = step_fn(s2, batches[2])
+  s3_host = jax.device_get(s3)
+  assert int(s3_host.nonfinite) == 0 and int(m3["nonfinite_steps"]) == 0
+  assert np.isfinite(float(m3["loss"])) and float(m3["loss"]) > 0
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s3_host.params),
+                                                      jax.tree.leaves(s2_host.params)))
+  assert int(m1["nonfinite_steps"]) == 0
+
+
+def test_logged_metrics_count_nonfinite_steps_and_average_the_rest(dataset, tmp_path,
+                                                                   monkeypatch):
+  config = test_train.sgd_config(dataset, num_steps=4, log_every=4, ckpt_every=4)
+  clean = train.train_and_evaluate(config, str(tmp_path / "clean"), mesh=parallel.make_mesh(2),
+                                   log_fn=lambda m: None)
+  poison_steps(monkeypatch, [1, 2])
+  hist = train.train_and_evaluate(config, str(tmp_path / "bad"), mesh=parallel.make_mesh(2),
+                                  log_fn=lambda m: None)
+  assert hist["nonfinite_steps"] == [2] and hist["nonfinite_streak"] == [2]
+  assert clean["nonfinite_steps"] == [0] and clean["nonfinite_streak"] == [0]
+  assert np.isfinite(hist["loss"][0]) and hist["loss"][0] > 0  # mean of the 2 finite steps
+
+
+def test_run_stops_after_max_nonfinite_steps_naming_the_last_good_checkpoint(
+    dataset, tmp_path, monkeypatch):
+  config = test_train.sgd_config(dataset, num_steps=12, log_every=1, ckpt_every=2)
+  config.max_nonfinite_steps = 3
+  poison_steps(monkeypatch, list(range(4, 100)))    # steps 5, 6, 7, ... are non-finite
+  wd = str(tmp_path / "wd")
+  with pytest.raises(train.NonFiniteError) as e:
+    train.train_and_evaluate(config, wd, mesh=parallel.make_mesh(2), log_fn=lambda m: None)
+  msg = str(e.value)
+  assert msg.startswith("step 7: 3 steps in a row had a non-finite loss or gradient"), msg
+  assert f"step 6 in {wd}/checkpoints" in msg, msg
+  # Steps 5 and 6 left the state as step 4 had it, so checkpoint 6 equals checkpoint 4 (but
+  # for the step counter and the streak), and nothing non-finite was saved.
+  _, _, s4 = checkpoint.load_state(wd, 4)
+  _, _, s6 = checkpoint.load_state(wd, 6)
+  assert_states_equal(s6.replace(step=s4.step, nonfinite=s4.nonfinite), s4)
+  assert int(s6.nonfinite) == 2
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "4", "6"]
+
+
+def test_max_nonfinite_steps_must_be_positive(dataset):
+  with pytest.raises(ValueError, match="config.max_nonfinite_steps must be an int >= 1, got 0"):
+    train.build(test_train.sgd_config(dataset, max_nonfinite_steps=0), parallel.make_mesh(1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged checkpoints.
+
+
+def _truncate(step_dir):
+  for f in glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*")):
+    with open(f, "r+b") as fh:
+      fh.truncate(os.path.getsize(f) // 2)
+
+
+def _flip_bytes(step_dir):
+  for f in glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*")):
+    b = bytearray(open(f, "rb").read())
+    for i in range(len(b) // 3, len(b), 97):
+      b[i] ^= 0x5A
+    open(f, "wb").write(bytes(b))
+
+
+def _drop_item(step_dir):
+  shutil.rmtree(os.path.join(step_dir, "data"))
+
+
+def _bad_manifest(step_dir):
+  with open(os.path.join(step_dir, "state", "manifest.ocdbt"), "wb") as f:
+    f.write(b"\0" * 10)
+
+
+DAMAGES = {"truncated": _truncate, "corrupted": _flip_bytes, "missing item": _drop_item,
+           "bad manifest": _bad_manifest}
+
+
+@pytest.fixture(scope="module")
+def finished_run(dataset, tmp_path_factory):
+  """A 6-step run with checkpoints at 3 and 6, and its final state."""
+  wd = str(tmp_path_factory.mktemp("finished") / "wd")
+  config = test_train.sgd_config(dataset, num_steps=6, ckpt_every=3, log_every=1)
+  history = train.train_and_evaluate(config, wd, mesh=parallel.make_mesh(2),
+                                     log_fn=lambda m: None)
+  return config, wd, history, checkpoint.load_state(wd)[2]
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(finished_run, tmp_path,
+                                                                  damage):
+  config, wd0, full, final = finished_run
+  wd = str(tmp_path / "wd")
+  shutil.copytree(wd0, wd)
+  DAMAGES[damage](os.path.join(wd, "checkpoints", "6"))
+  messages = []
+  rest = train.train_and_evaluate(config, wd, mesh=parallel.make_mesh(2),
+                                  log_fn=messages.append)
+  warning = [m for m in messages if m.startswith("WARNING: checkpoint step 6")]
+  assert len(warning) == 1 and "does not restore" in warning[0], messages
+  assert "left in place" in warning[0]
+  # Restored step 3, replayed 4-6 exactly as the first run did.
+  assert rest["step"] == [4, 5, 6]
+  assert rest["loss"] == full["loss"][3:]
+  assert_states_equal(checkpoint.load_state(wd)[2], final)
+  # The damaged step was moved aside (not deleted) when step 6 was saved anew.
+  moved = glob.glob(os.path.join(wd, "checkpoints.damaged", "6-*"))
+  assert len(moved) == 1 and os.path.isdir(moved[0])
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]
+
+
+def test_every_checkpoint_damaged_is_an_error_listing_the_steps(finished_run, tmp_path):
+  config, wd0, _, _ = finished_run
+  wd = str(tmp_path / "wd")
+  shutil.copytree(wd0, wd)
+  for step in ("3", "6"):
+    _truncate(os.path.join(wd, "checkpoints", step))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"no checkpoint in .* restores; tried step 6: OUT_OF_RANGE: .*"
+                           r"; step 3: OUT_OF_RANGE"):
+    train.train_and_evaluate(config, wd, mesh=parallel.make_mesh(2), log_fn=lambda m: None)
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]  # nothing deleted
+
+
+def test_load_encoder_of_a_damaged_step_names_the_step_and_file(finished_run, tmp_path):
+  _, wd0, _, _ = finished_run
+  wd = str(tmp_path / "wd")
+  shutil.copytree(wd0, wd)
+  _truncate(os.path.join(wd, "checkpoints", "6"))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=(r"checkpoint step 6 cannot be restored \(OUT_OF_RANGE: Error reading "
+                            r"\".*\" in OCDBT database at local file \"" + wd
+                            + r"/checkpoints/6/state/\".*\); other steps: \[3\]")):
+    checkpoint.load_encoder(wd, step=6)
+  module, variables = checkpoint.load_encoder(wd, step=3)   # the intact one still loads
+  assert "params" in variables
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals: SIGTERM/SIGINT save and exit 0; SIGKILL anywhere resumes bit for bit.
+
+
+def _start(data, wd, out, steps=9, workers=1, pace=0.25):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.Popen(
+      [sys.executable, os.path.join(HERE, "survival_worker.py"), data, wd, str(steps),
+       str(workers), str(pace), out],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      start_new_session=True)
+
+
+def _wait_for(proc, predicate, lines, timeout=300):
+  """Reads the worker's lines until ``predicate(line)``; returns False if it exited first."""
+  deadline = time.time() + timeout
+  for line in proc.stdout:
+    lines.append(line)
+    if predicate(line):
+      return True
+    assert time.time() < deadline, "".join(lines)[-3000:]
+  return False
+
+
+def _finish(proc, lines, timeout=300):
+  out, _ = proc.communicate(timeout=timeout)
+  lines.append(out)
+  return "".join(lines)
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory):
+  """The uninterrupted 9-step run of survival_worker (1 grain worker process)."""
+  tmp = tmp_path_factory.mktemp("reference")
+  proc = _start(dataset, str(tmp / "wd"), str(tmp / "out.json"), pace=0)
+  log = _finish(proc, [])
+  assert proc.returncode == 0, log[-3000:]
+  history = json.loads((tmp / "out.json").read_text())
+  return history, checkpoint.load_state(str(tmp / "wd"))[2], str(tmp / "wd")
+
+
+def _data_state(wd, step):
+  with open(os.path.join(wd, "checkpoints", str(step), "data", "process_0-of-1.json")) as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_saves_exits_zero_and_the_same_command_resumes_exactly(dataset, reference,
+                                                                      tmp_path, sig):
+  ref_history, ref_state, ref_wd = reference
+  wd, out = str(tmp_path / "wd"), str(tmp_path / "out.json")
+  lines = []
+  proc = _start(dataset, wd, out)
+  assert _wait_for(proc, lambda l: l.startswith("step 4/9"), lines)   # between checkpoints
+  proc.send_signal(getattr(signal, sig))
+  log = _finish(proc, lines)
+  assert proc.returncode == 0, log[-3000:]
+  stopped = json.loads(open(out).read())
+  stop = stopped["final_step"]
+  assert stopped["preempted"] == sig and 4 <= stop < 9, log[-2000:]
+  assert f"{sig}: stopped after step {stop} of 9, checkpoint saved in" in log
+  assert str(stop) in os.listdir(os.path.join(wd, "checkpoints"))
+  assert _data_state(wd, stop) != _data_state(wd, 3)            # the iterator moved on, saved
+  # The same command again resumes there and ends where the uninterrupted run ended.
+  lines = []
+  proc = _start(dataset, wd, out, pace=0)
+  log = _finish(proc, lines)
+  assert proc.returncode == 0, log[-3000:]
+  rest = json.loads(open(out).read())
+  assert rest["step"] == list(range(stop + 1, 10))
+  assert rest["loss"] == ref_history["loss"][stop:]
+  assert_states_equal(checkpoint.load_state(wd)[2], ref_state)
+  assert _data_state(wd, 9) == _data_state(ref_wd, 9)
+
+
+@pytest.mark.parametrize("where", ["between checkpoints", "just after a checkpoint"])
+def test_sigkill_then_resume_equals_the_uninterrupted_run(dataset, reference, tmp_path, where):
+  ref_history, ref_state, ref_wd = reference
+  wd, out = str(tmp_path / "wd"), str(tmp_path / "out.json")
+  lines = []
+  proc = _start(dataset, wd, out)
+  if where == "between checkpoints":
+    assert _wait_for(proc, lambda l: l.startswith("step 5/9"), lines)
+  else:
+    assert _wait_for(proc, lambda l: os.path.isdir(os.path.join(wd, "checkpoints", "6")), lines)
+  os.killpg(proc.pid, signal.SIGKILL)          # the run and its grain worker processes
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  assert not os.path.exists(out)
+  saved = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
+  assert saved == ([3] if where == "between checkpoints" else [3, 6]), saved
+  proc = _start(dataset, wd, out, pace=0)
+  log = _finish(proc, [])
+  assert proc.returncode == 0, log[-3000:]
+  rest = json.loads(open(out).read())
+  assert rest["step"] == list(range(saved[-1] + 1, 10))
+  assert rest["loss"] == ref_history["loss"][saved[-1]:]
+  assert_states_equal(checkpoint.load_state(wd)[2], ref_state)
+  assert _data_state(wd, 9) == _data_state(ref_wd, 9)
