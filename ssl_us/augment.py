@@ -192,8 +192,14 @@ def augment_batch(key, images, cfg: AugmentConfig, axis_name=None):
 
 
 def center_view(images, cfg: AugmentConfig):
-  """Deterministic evaluation view: full frame resized to out_size, normalised."""
+  """Deterministic evaluation view: full frame resized to out_size, normalised.
+
+  Resampled as the training views are: bilinear at pixel centres, without antialiasing, so a
+  network sees identically filtered pixels in training and evaluation (equal to a training view
+  with no crop, flip, affine or intensity change wherever that view samples inside the frame).
+  data_prep shrinks frames with antialiasing when it writes shards; write them near image_size.
+  """
   x = images.astype(jnp.float32) / 255.0
   shape = x.shape[:-3] + tuple(cfg.out_size) + x.shape[-1:]
-  x = jax.image.resize(x, shape, method="linear", antialias=True)
+  x = jax.image.resize(x, shape, method="linear", antialias=False)
   return (x - cfg.mean) / cfg.std

@@ -265,3 +265,22 @@ def test_table2_brightness_never_blacks_out_a_dark_clip(mode, blacked_out):
     assert (lowest == 0.0).any() and lowest.max() > 0.16
   else:
     assert lowest.min() >= 40 / 255 * 0.7 - 1e-6 and lowest.max() <= 40 / 255 * 1.3 + 1e-6
+
+
+@pytest.mark.parametrize("in_hw,out_hw", [((16, 16), (16, 16)), ((16, 16), (8, 8)),
+                                          ((16, 12), (4, 6)), ((18, 18), (12, 12))])
+def test_center_view_filters_pixels_as_the_training_views_do(in_hw, out_hw):
+  """Evaluation view == a training view with every random change off, when shrinking (all
+  sample points then lie inside the frame): one bilinear kernel, no antialiasing, on both
+  sides. An antialiased resize differs on these random frames by a large margin."""
+  cfg = augment.AugmentConfig(out_size=out_hw, **OFF)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (3,) + in_hw + (1,), np.uint8)
+  train_view = jax.jit(augment.augment_batch, static_argnums=2)(jax.random.key(0),
+                                                                 jnp.asarray(images), cfg)
+  eval_view = jax.jit(augment.center_view, static_argnums=1)(jnp.asarray(images), cfg)
+  np.testing.assert_allclose(eval_view, train_view, atol=1e-5)
+  if in_hw != out_hw:
+    smooth = jax.image.resize(jnp.asarray(images, jnp.float32) / 255.0,
+                              (3,) + out_hw + (1,), "linear", antialias=True)
+    assert np.abs((smooth - cfg.mean) / cfg.std - eval_view).max() > 0.1
