@@ -113,6 +113,10 @@ def parser() -> argparse.ArgumentParser:
   g = p.add_argument_group("running")
   g.add_argument("--num_workers", type=int, default=d.num_workers,
                  help="worker processes (default -1: one per CPU core; 0: in this process)")
+  g.add_argument("--video_timeout", type=float, default=d.video_timeout,
+                 help="seconds one video may take in a worker process before the worker is "
+                 "stopped and the video rejected ('timeout'); 0: no limit; not applied with "
+                 "--num_workers 0")
   g.add_argument("--task_index", type=int, default=d.task_index,
                  help="this machine's part, 0 .. num_tasks-1")
   g.add_argument("--num_tasks", type=int, default=d.num_tasks,

@@ -12,7 +12,7 @@ from data_prep import splits as splits_lib
 
 # Options that do not change what is written: a resumed or merging run may change them.
 RUN_ONLY = ("num_workers", "task_index", "merge", "strict", "overwrite", "progress", "salt",
-            "previews", "random_previews", "buffer_mb")
+            "previews", "random_previews", "buffer_mb", "video_timeout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,7 @@ class BuildConfig:
   keep_patient_id: bool = False
   keep_uids: bool = False
   num_workers: int = -1                     # -1 = one per CPU core; 0 = in this process
+  video_timeout: float = 1800.0             # s per video in a worker process; 0 = no limit
   task_index: int = 0
   num_tasks: int = 1
   merge: bool = False
@@ -107,6 +108,8 @@ class BuildConfig:
                        "UIDs the same way")
     if not self.shard_mb > 0 or not self.buffer_mb > 0:
       raise ValueError("--shard_mb and --buffer_mb must be > 0")
+    if not self.video_timeout >= 0:
+      raise ValueError(f"--video_timeout must be >= 0 seconds, got {self.video_timeout}")
     if self.region_samples < 1:
       raise ValueError(f"--region_samples must be >= 1, got {self.region_samples}")
     if self.previews < 0 or self.random_previews < 0:

@@ -304,16 +304,20 @@ class _Proc:
   done: dict = dataclasses.field(default_factory=dict)     # video id -> audit
   exited: bool = False
   closing: bool = False
+  busy_since: float | None = None                          # when its current video began
+  timed_out: bool = False
 
 
 def run_in_workers(wcfg: worker_lib.WorkerConfig, jobs, num_workers: int, tracker: Tracker,
-                   target=worker_lib.worker_process) -> None:
+                   target=worker_lib.worker_process, video_timeout: float = 0.0) -> None:
   """Jobs over worker processes (spawned: no forked decoder or TF state); see module doc.
 
   Each worker has its own pair of pipes (jobs in, messages out; at most two jobs outstanding),
   so a worker that dies cannot block the others, and its pipe's end of file says it died after
   every message it sent. ``target(cfg, index, jobs, results)`` is the worker's entry point (a
-  picklable module-level function; see ``worker.worker_process``).
+  picklable module-level function; see ``worker.worker_process``). A worker still on one video
+  after ``video_timeout`` seconds (0: no limit) is killed: that video is rejected ('timeout')
+  and the worker's uncommitted videos are redone by a new one, as after a crash.
   """
   ctx = mp.get_context("spawn")
   pending = collections.deque(jobs)
@@ -337,6 +341,8 @@ def run_in_workers(wcfg: worker_lib.WorkerConfig, jobs, num_workers: int, tracke
       try:
         while pending and len(w.sent) - len(w.done) < 2:
           job = pending.popleft()
+          if len(w.sent) == len(w.done):
+            w.busy_since = time.monotonic()
           w.sent.append(job.entry.video_id)
           w.jobs.send(job)
         if not pending:
@@ -364,6 +370,9 @@ def run_in_workers(wcfg: worker_lib.WorkerConfig, jobs, num_workers: int, tracke
                  "status": "rejected", "reason": "crash",
                  "message": f"{e.path}: the worker reading it died (exit code "
                             f"{w.proc.exitcode})"}
+        if w.timed_out:
+          audit.update(reason="timeout", message=f"{e.path}: still being read after "
+                       f"{video_timeout:g} s (--video_timeout); the worker was stopped")
         main_journal.append({"event": "rejected", "video": audit})
         tracker.audit(audit)
       else:
@@ -377,6 +386,7 @@ def run_in_workers(wcfg: worker_lib.WorkerConfig, jobs, num_workers: int, tracke
     w = procs[index]
     if msg["msg"] == "done":
       w.done[msg["audit"]["video_id"]] = msg["audit"]
+      w.busy_since = time.monotonic() if len(w.sent) > len(w.done) else None
       tracker.audit(msg["audit"])
     elif msg["msg"] == "exit":
       w.exited = True
@@ -384,11 +394,20 @@ def run_in_workers(wcfg: worker_lib.WorkerConfig, jobs, num_workers: int, tracke
     elif msg["msg"] == "fatal":
       raise BuildError(f"worker {index} failed:\n{msg['error']}")
 
+  def stop_stuck():
+    now = time.monotonic()
+    for w in procs.values():
+      if (video_timeout > 0 and not w.exited and not w.timed_out and w.busy_since is not None
+          and now - w.busy_since > video_timeout):
+        w.timed_out = True
+        w.proc.kill()  # its pipe's end of file follows: died() rejects the video
+
   for i in range(num_workers):
     start(i)
   try:
     while any(not w.exited for w in procs.values()) and not tracker.failure:
       feed()
+      stop_stuck()
       live = {w.results: i for i, w in procs.items() if not w.exited}
       for conn in mp_connection.wait(list(live), timeout=1.0):
         try:
@@ -430,7 +449,7 @@ def run_task(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir) -> dict
     if todo and num_workers == 0:
       run_in_process(wcfg, todo, tracker)
     elif todo:
-      run_in_workers(wcfg, todo, num_workers, tracker)
+      run_in_workers(wcfg, todo, num_workers, tracker, video_timeout=cfg.video_timeout)
   finally:
     tracker.close()
   if tracker.failure:

@@ -143,7 +143,8 @@ def _classify(path) -> tuple[str, str]:
 def _open_video(path: str):
   import av
   try:
-    container = av.open(path)
+    # Tags are never read (privacy), so undecodable ones must not make a file unreadable.
+    container = av.open(path, metadata_errors="replace")
   except (av.error.FFmpegError, OSError) as e:
     raise ReadError(path, f"cannot open as video ({e})") from e
   if not container.streams.video:
@@ -189,6 +190,14 @@ def _video_fps(stream) -> float:
   return 0.0
 
 
+def _summary(errors: list[str]) -> str:
+  """Distinct errors in order of first appearance, repeats counted: 'decode: X (x6); flush: Y'."""
+  counts = dict.fromkeys(errors, 0)
+  for e in errors:
+    counts[e] += 1
+  return "; ".join(e if n == 1 else f"{e} (x{n})" for e, n in counts.items())
+
+
 def _check_size(path: str, index: int, shape: tuple[int, int], first: tuple[int, int]) -> None:
   if shape != first:
     raise ReadError(path, f"frame {index} is {shape[0]}x{shape[1]} but frame 0 is "
@@ -206,7 +215,7 @@ def _probe_video(path: str) -> VideoInfo:
       _check_size(path, n, shape, first)
       n += 1
     if n == 0:
-      raise ReadError(path, f"no decodable video frames ({'; '.join(errors) or 'empty stream'})")
+      raise ReadError(path, f"no decodable video frames ({_summary(errors) or 'empty stream'})")
     meta = {"container": container.format.name, "codec": stream.codec_context.name,
             "pix_fmt": stream.codec_context.pix_fmt, "container_frames": int(stream.frames),
             "decode_errors": len(errors)}
@@ -226,7 +235,7 @@ def _iter_video(path: str) -> Iterator[tuple[int, np.ndarray]]:
       _check_size(path, i, gray.shape, first)
       yield i, gray
   if first is None:
-    raise ReadError(path, f"no decodable video frames ({'; '.join(errors) or 'empty stream'})")
+    raise ReadError(path, f"no decodable video frames ({_summary(errors) or 'empty stream'})")
   if errors:
     log.warning("%s: skipped while decoding: %s", path, "; ".join(errors))
 
@@ -322,7 +331,7 @@ def _probe_dicom(path: str) -> VideoInfo:
   errors: list[str] = []
   n = sum(1 for _ in _dicom_pixels(path, errors))
   if n == 0:
-    raise ReadError(path, f"no decodable frames ({'; '.join(errors) or 'no pixel data'})")
+    raise ReadError(path, f"no decodable frames ({_summary(errors) or 'no pixel data'})")
   if errors:
     log.warning("%s: %d frames decodable; %s", path, n, "; ".join(errors))
   return VideoInfo(path, "dicom", _dicom_fps(ds)[0], n, int(ds.Rows), int(ds.Columns),
@@ -336,7 +345,7 @@ def _iter_dicom(path: str) -> Iterator[tuple[int, np.ndarray]]:
   for n, arr in enumerate(_dicom_pixels(path, errors), start=1):
     yield n - 1, _dicom_gray(arr, ds)
   if n == 0:
-    raise ReadError(path, f"no decodable frames ({'; '.join(errors) or 'no pixel data'})")
+    raise ReadError(path, f"no decodable frames ({_summary(errors) or 'no pixel data'})")
   if errors:
     log.warning("%s: stopped after %d frames; %s", path, n, "; ".join(errors))
 

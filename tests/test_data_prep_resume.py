@@ -79,9 +79,25 @@ def crashing_worker(cfg, index, jobs, results):
   results.send({"msg": "exit", "worker": index})
 
 
-def test_worker_death_rejects_its_video_and_redoes_the_uncommitted(tmp_path):
+def hanging_worker(cfg, index, jobs, results):
+  """worker_lib.worker_process, except that the video hang.mp4 never finishes (a decoder that
+  loops forever on a damaged file)."""
+  w = worker_lib.Worker(cfg, index, results.send)
+  while (job := jobs.recv()) is not None:
+    if job.entry.video_id == "hang.mp4":
+      w.journal.append({"event": "start", "video_id": "hang.mp4"}, sync=False)
+      time.sleep(3600)
+    w.run(job)
+  w.close()
+  results.send({"msg": "exit", "worker": index})
+
+
+@pytest.mark.parametrize("bad,target,reason", [("crash", crashing_worker, "crash"),
+                                               ("hang", hanging_worker, "timeout")])
+def test_worker_death_rejects_its_video_and_redoes_the_uncommitted(tmp_path, bad, target,
+                                                                   reason):
   src = str(tmp_path / "in")
-  names = ["a", "b", "crash", "c", "d"]
+  names = ["a", "b", bad, "c", "d"]
   for i, n in enumerate(names):
     write_video(os.path.join(src, f"{n}.mp4"), 4, seed=i)
   cfg = config_lib.BuildConfig.create(src, tmp_path / "out", size=16, min_size=16)
@@ -93,13 +109,17 @@ def test_worker_death_rejects_its_video_and_redoes_the_uncommitted(tmp_path):
       prefix="t00000-a001", image_size=(16, 16), sampling=cfg.sampling, min_size=16,
       region_samples=4, shard_bytes=1 << 30, buffer_bytes=1 << 20)
   tracker = pipeline.Tracker(len(prep.jobs), 0, progress=False, strict=False)
-  pipeline.run_in_workers(wcfg, prep.jobs, 2, tracker, target=crashing_worker)
+  t0 = time.monotonic()
+  pipeline.run_in_workers(wcfg, prep.jobs, 2, tracker, target=target, video_timeout=3.0)
+  assert time.monotonic() - t0 < 60
   tracker.close()
   final, pieces = pipeline.outcomes(pipeline.read_events(work))
   assert {v: a["status"] for v, a in final.items()} == {
-      "a.mp4": "written", "b.mp4": "written", "crash.mp4": "rejected", "c.mp4": "written",
+      "a.mp4": "written", "b.mp4": "written", f"{bad}.mp4": "rejected", "c.mp4": "written",
       "d.mp4": "written"}
-  assert final["crash.mp4"]["reason"] == "crash"
+  assert final[f"{bad}.mp4"]["reason"] == reason
+  if reason == "timeout":
+    assert "still being read after 3 s (--video_timeout)" in final["hang.mp4"]["message"]
   in_pieces = collections.Counter(v["video_id"] for p in pieces for v in p["videos"])
   assert in_pieces == {"a.mp4": 1, "b.mp4": 1, "c.mp4": 1, "d.mp4": 1}
   assert (tracker.counts["written"], tracker.counts["rejected"]) == (4, 1)
