@@ -4,6 +4,7 @@
   python -m benchmarks.bench_step --model resnet18 --size 64 --pairs 64 --conv_impl xla
   python -m benchmarks.bench_step --model convnet4 --size 64 --pairs 128 --dtype bfloat16
   python -m benchmarks.bench_step --model resnet18 --size 64 --pairs 64 --profile /tmp/prof
+  python -m benchmarks.bench_step --model resnet18 --size 64 --pairs 64 --guard_cost
 
 JAX: the whole jitted step of ``ssl_us.train.make_train_step`` on a 1-device mesh (shard_map,
 on-device augmentation of both views, forward of the 2N views, NT-Xent, backward, Adam,
@@ -71,9 +72,10 @@ def host_batch(pairs: int, size: int, seed: int = 0) -> dict:
 
 
 class JaxStep:
-  """The jitted shard_map train step on a 1-device mesh, with its state."""
+  """The jitted shard_map train step on a 1-device mesh, with its state; ``guard``: the
+  non-finite step guard (train.train_step), on as in training."""
 
-  def __init__(self, config):
+  def __init__(self, config, guard: bool = True):
     self.mesh = parallel.make_mesh(1)
     self.method = make_method(config, axis_name=parallel.DATA)
     self.schedule = train.make_schedule(config, config.batch_size)
@@ -82,7 +84,8 @@ class JaxStep:
     create = functools.partial(train.create_state, self.method, self.tx)
     self.state = parallel.replicate(jax.jit(create)(jax.random.key(config.seed), self.batch),
                                     self.mesh)
-    self.step_fn = train.make_train_step(self.method, self.tx, self.schedule, self.mesh)
+    self.step_fn = train.make_train_step(self.method, self.tx, self.schedule, self.mesh,
+                                         guard=guard)
 
   def __call__(self) -> float:
     self.state, metrics = self.step_fn(self.state,
@@ -207,6 +210,30 @@ def run_case(model: str, size: int, pairs: int, *, dtype="float32", conv_impl="f
   return out
 
 
+def guard_cost(model: str, size: int, pairs: int, *, steps=3, rounds=5) -> dict:
+  """The non-finite guard's cost: the same JAX step with and without it, timed back to back in
+  rounds; ``cost`` = median over rounds of (step time with) / (step time without) - 1."""
+  config = make_config(model, size, pairs)
+  steps_by = {g: JaxStep(config, guard=g) for g in (True, False)}
+  for s in steps_by.values():
+    s()                                    # compile
+  times = {True: [], False: []}
+  ratios = []
+  for r in range(rounds):
+    med = {}
+    for g in ((True, False) if r % 2 == 0 else (False, True)):
+      t = [_time(steps_by[g])[0] for _ in range(steps)]
+      times[g] += t
+      med[g] = float(np.median(t))
+    ratios.append(med[True] / med[False])
+  views = 2 * pairs
+  return {"model": model, "size": size, "pairs": pairs,
+          "views_s_guard": round(views / float(np.median(times[True])), 1),
+          "views_s_no_guard": round(views / float(np.median(times[False])), 1),
+          "cost": round(float(np.median(ratios)) - 1, 4),
+          "round_ratios": [round(x, 4) for x in ratios], "load": round(os.getloadavg()[0], 1)}
+
+
 # ----------------------------------------------------------------------------------------------
 # Profile: per-HLO-op time of a few jitted steps from a jax.profiler trace.
 
@@ -264,7 +291,12 @@ def main(argv=None) -> int:
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--no_torch", action="store_true")
   p.add_argument("--profile", help="trace a few JAX steps into this folder; print the top ops")
+  p.add_argument("--guard_cost", action="store_true",
+                 help="time the step with and without the non-finite guard (JAX only)")
   a = p.parse_args(argv)
+  if a.guard_cost:
+    print(json.dumps(guard_cost(a.model, a.size, a.pairs, steps=a.steps, rounds=a.rounds)))
+    return 0
   if a.profile:
     rows = profile(a.model, a.size, a.pairs, a.profile, dtype=a.dtype, conv_impl=a.conv_impl)
     for r in rows:

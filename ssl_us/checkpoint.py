@@ -85,8 +85,9 @@ class CheckpointError(RuntimeError):
 
 # A TensorStore status in an error message: 'OUT_OF_RANGE: Error reading "<array key>" in OCDBT
 # database at local file "<path>": ...', followed by a long spec that says nothing more.
-_STATUS = re.compile(r"\b((?:OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|INVALID_ARGUMENT|FAILED_PRECONDITION|"
-                     r"PERMISSION_DENIED|UNAVAILABLE|INTERNAL|UNKNOWN): .*?)(?: \[tensorstore_spec|\n|$)")
+_STATUS = re.compile(r"\b((?:OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|INVALID_ARGUMENT|"
+                     r"FAILED_PRECONDITION|PERMISSION_DENIED|UNAVAILABLE|INTERNAL|UNKNOWN): .*?)"
+                     r"(?: \[tensorstore_spec|\n|$)")
 
 
 def _reason(e: BaseException) -> str:

@@ -10,6 +10,10 @@ that are identical on every device (pmean of the local terms), so ``jax.grad`` i
 shard_map yields the gradient of the global loss on every device (the transpose of the implicit
 broadcast of replicated parameters is a psum). No explicit gradient all-reduce is needed, and
 tests check the result against one device on the global batch.
+
+Survival: a step with a non-finite loss or gradient leaves the state unchanged (``train_step``);
+SIGTERM/SIGINT end the loop after the current step with a checkpoint (``StopSignal``, agreed by
+all processes); a damaged newest checkpoint falls back to the next (``checkpoint.restore_latest``).
 """
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ def test_decay_mask_on_a_resnet_excludes_biases_and_norm_parameters():
   assert flat["['conv_init']['kernel']"] is True
   assert flat["['ResNetBlock_2']['conv_proj']['kernel']"] is True
   for name in ("['bn_init']['scale']", "['bn_init']['bias']",
-               "['ResNetBlock_2']['norm_proj']['scale']", "['ResNetBlock_0']['BatchNorm_1']['bias']"):
+               "['ResNetBlock_2']['norm_proj']['scale']",
+               "['ResNetBlock_0']['BatchNorm_1']['bias']"):
     assert flat[name] is False, name
   assert sum(flat.values()) == len([k for k in flat if k.endswith("['kernel']")])
 
