@@ -254,23 +254,49 @@ def _dicom_header(path: str):
     raise ReadError(path, f"unsupported PhotometricInterpretation {pi!r}")
   if "Rows" not in ds or "Columns" not in ds:
     raise ReadError(path, "no image (Rows/Columns missing)")
+  for keyword in _DICOM_INT_KEYWORDS:
+    value = ds.get(keyword)
+    try:
+      int(value or 0)
+    except (TypeError, ValueError, OverflowError):
+      raise ReadError(path, f"malformed DICOM header: {keyword} = {value!r}") from None
   return ds
+
+
+# Header integers the readers use; a value that does not parse makes the file unreadable.
+_DICOM_INT_KEYWORDS = ("Rows", "Columns", "SamplesPerPixel", "BitsStored", "PixelRepresentation",
+                       "NumberOfFrames")
+
+
+def _dicom_number(ds, keyword: str) -> float:
+  """A timing tag as a float; 0.0 if absent or if it does not parse (logged: a damaged tag
+  leaves the frame rate to the next source, never to a crash)."""
+  value = ds.get(keyword)
+  try:
+    return float(value or 0)
+  except (TypeError, ValueError, OverflowError):
+    log.warning("%s: %s = %r is not a number; ignored", getattr(ds, "filename", "DICOM"),
+                keyword, value)
+    return 0.0
 
 
 def _dicom_fps(ds) -> tuple[float, str]:
   """(frames per second, the keyword it came from); (0.0, "") when the file gives no rate."""
-  frame_time = float(ds.get("FrameTime") or 0)
+  frame_time = _dicom_number(ds, "FrameTime")
   if frame_time > 0:
     return 1000.0 / frame_time, "FrameTime"
   for keyword in ("CineRate", "RecommendedDisplayFrameRate"):
-    rate = float(ds.get(keyword) or 0)
+    rate = _dicom_number(ds, keyword)
     if rate > 0:
       return rate, keyword
   vector = ds.get("FrameTimeVector")
-  if vector is not None and len(vector) > 1:
-    mean_ms = float(np.mean([float(v) for v in vector[1:]]))
-    if mean_ms > 0:
-      return 1000.0 / mean_ms, "FrameTimeVector"
+  try:
+    mean_ms = float(np.mean([float(v) for v in vector[1:]])) if len(vector or ()) > 1 else 0.0
+  except (TypeError, ValueError, OverflowError):
+    log.warning("%s: FrameTimeVector is not numeric; ignored", getattr(ds, "filename", "DICOM"))
+    mean_ms = 0.0
+  if mean_ms > 0 and np.isfinite(mean_ms):
+    return 1000.0 / mean_ms, "FrameTimeVector"
   return 0.0, ""
 
 
@@ -343,7 +369,12 @@ def _iter_dicom(path: str) -> Iterator[tuple[int, np.ndarray]]:
   errors: list[str] = []
   n = 0
   for n, arr in enumerate(_dicom_pixels(path, errors), start=1):
-    yield n - 1, _dicom_gray(arr, ds)
+    try:
+      gray = _dicom_gray(arr, ds)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+      raise ReadError(path, f"frame {n - 1} cannot be converted to grey "
+                      f"({type(e).__name__}: {e})") from e
+    yield n - 1, gray
   if n == 0:
     raise ReadError(path, f"no decodable frames ({_summary(errors) or 'no pixel data'})")
   if errors:

@@ -67,35 +67,23 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
   assert not os.path.exists(work)
 
 
-def crashing_worker(cfg, index, jobs, results):
-  """worker_lib.worker_process, except that the process dies on the video crash.mp4."""
+def misbehaving_worker(cfg, index, jobs, results):
+  """worker_lib.worker_process, except that the process dies on the video crash.mp4 and never
+  finishes hang.mp4 (a decoder looping forever on a damaged file)."""
   w = worker_lib.Worker(cfg, index, results.send)
   while (job := jobs.recv()) is not None:
-    if job.entry.video_id == "crash.mp4":
-      w.journal.append({"event": "start", "video_id": "crash.mp4"}, sync=False)
-      os._exit(7)
-    w.run(job)
-  w.close()
-  results.send({"msg": "exit", "worker": index})
-
-
-def hanging_worker(cfg, index, jobs, results):
-  """worker_lib.worker_process, except that the video hang.mp4 never finishes (a decoder that
-  loops forever on a damaged file)."""
-  w = worker_lib.Worker(cfg, index, results.send)
-  while (job := jobs.recv()) is not None:
-    if job.entry.video_id == "hang.mp4":
-      w.journal.append({"event": "start", "video_id": "hang.mp4"}, sync=False)
+    if job.entry.video_id in ("crash.mp4", "hang.mp4"):
+      w.journal.append({"event": "start", "video_id": job.entry.video_id}, sync=False)
+      if job.entry.video_id == "crash.mp4":
+        os._exit(7)
       time.sleep(3600)
     w.run(job)
   w.close()
   results.send({"msg": "exit", "worker": index})
 
 
-@pytest.mark.parametrize("bad,target,reason", [("crash", crashing_worker, "crash"),
-                                               ("hang", hanging_worker, "timeout")])
-def test_worker_death_rejects_its_video_and_redoes_the_uncommitted(tmp_path, bad, target,
-                                                                   reason):
+@pytest.mark.parametrize("bad,reason", [("crash", "crash"), ("hang", "timeout")])
+def test_worker_death_rejects_its_video_and_redoes_the_uncommitted(tmp_path, bad, reason):
   src = str(tmp_path / "in")
   names = ["a", "b", bad, "c", "d"]
   for i, n in enumerate(names):
@@ -110,7 +98,8 @@ def test_worker_death_rejects_its_video_and_redoes_the_uncommitted(tmp_path, bad
       region_samples=4, shard_bytes=1 << 30, buffer_bytes=1 << 20)
   tracker = pipeline.Tracker(len(prep.jobs), 0, progress=False, strict=False)
   t0 = time.monotonic()
-  pipeline.run_in_workers(wcfg, prep.jobs, 2, tracker, target=target, video_timeout=3.0)
+  pipeline.run_in_workers(wcfg, prep.jobs, 2, tracker, target=misbehaving_worker,
+                          video_timeout=3.0)
   assert time.monotonic() - t0 < 60
   tracker.close()
   final, pieces = pipeline.outcomes(pipeline.read_events(work))

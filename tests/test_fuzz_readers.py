@@ -19,9 +19,7 @@ import av
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
-
+from tests import test_readers
 from tests.test_data_prep_pipeline import read_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,22 +59,11 @@ def _gif(frames):
   return buf.getvalue()
 
 
-def _dicom(frames):
-  meta = FileMetaDataset()
-  meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
-  meta.MediaStorageSOPInstanceUID = generate_uid()
-  meta.TransferSyntaxUID = ExplicitVRLittleEndian
-  ds = Dataset()
-  ds.file_meta = meta
-  ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-  ds.Modality, ds.Rows, ds.Columns = "US", H, W
-  ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-  ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-  ds.NumberOfFrames, ds.FrameTime = len(frames), 100.0
-  ds.PixelData = np.stack(frames).tobytes()
-  buf = io.BytesIO()
-  ds.save_as(buf, enforce_file_format=True)
-  return buf.getvalue()
+def _dicom(frames, tmp):
+  path = os.path.join(tmp, "base.dcm")
+  test_readers.write_dicom(path, np.stack(frames), uid_entropy="fuzz", FrameTime=100.0)
+  with open(path, "rb") as f:
+    return f.read()
 
 
 def _still(frame, fmt):
@@ -85,10 +72,10 @@ def _still(frame, fmt):
   return buf.getvalue()
 
 
-def base_files(rng) -> dict[str, bytes]:
+def base_files(rng, tmp) -> dict[str, bytes]:
   frames = _frames(rng)
   files = {"mp4": _video(frames, "mp4", "h264"), "avi": _video(frames, "avi", "mpeg4"),
-           "gif": _gif(frames), "dcm": _dicom(frames), "png": _still(frames[0], "PNG"),
+           "gif": _gif(frames), "dcm": _dicom(frames, tmp), "png": _still(frames[0], "PNG"),
            "jpg": _still(frames[0], "JPEG")}
   if os.path.exists(REAL_DICOM):
     with open(REAL_DICOM, "rb") as f:
@@ -132,7 +119,7 @@ def fuzzed(tmp_path_factory):
   # one frame sequence).
   for g in range(10):
     (src / f"g{g}").mkdir()
-  for name, data in base_files(rng).items():
+  for name, data in base_files(rng, str(tmp_path_factory.mktemp("base"))).items():
     ext = name.split(".")[-1]
     for i in range(MUTANTS_PER_BASE):
       mutant, what = mutate(data, rng)

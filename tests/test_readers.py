@@ -145,23 +145,25 @@ def test_dicom_meta_is_technical_and_free_of_identifiers():
 
 def test_dicom_with_unsupported_photometric_raises(tmp_path):
   path = str(tmp_path / "odd.dcm")
-  _write_dicom(path, np.zeros((1, 4, 4), np.uint8), photometric="HSV")
+  write_dicom(path, np.zeros((1, 4, 4), np.uint8), photometric="HSV")
   with pytest.raises(readers.ReadError, match="odd.dcm.*HSV"):
     readers.probe(path)
 
 
 # ------------------------------------------------------------------------ built DICOMs
 
-def _write_dicom(path, frames, photometric="MONOCHROME2", bits=8, **tags):
+def write_dicom(path, frames, photometric="MONOCHROME2", bits=8, uid_entropy=None, **tags):
+  """A multi-frame ultrasound DICOM with identifiers; ``uid_entropy``: reproducible UIDs."""
+  uid = lambda i: generate_uid(entropy_srcs=None if uid_entropy is None else [uid_entropy, i])
   meta = FileMetaDataset()
   meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
-  meta.MediaStorageSOPInstanceUID = generate_uid()
+  meta.MediaStorageSOPInstanceUID = uid("instance")
   meta.TransferSyntaxUID = ExplicitVRLittleEndian
   ds = Dataset()
   ds.file_meta = meta
   ds.SOPClassUID = meta.MediaStorageSOPClassUID
   ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-  ds.StudyInstanceUID = generate_uid()
+  ds.StudyInstanceUID = uid("study")
   ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^Jane", "MRN-778899", "19700305"
   ds.StudyDate, ds.InstitutionName, ds.Modality = "20240117", "Saint Nowhere Hospital", "US"
   ds.Rows, ds.Columns = frames.shape[1], frames.shape[2]
@@ -182,7 +184,7 @@ def gray_frames(rgb_frames):
 
 def test_monochrome2_dicom_built_from_real_frames(tmp_path, gray_frames):
   path = str(tmp_path / "mono2.dcm")
-  _write_dicom(path, gray_frames, FrameTime=40.0)
+  write_dicom(path, gray_frames, FrameTime=40.0)
   info = readers.probe(path)
   assert (info.kind, info.num_frames, info.height, info.width) == ("dicom", 3, SIDE, SIDE)
   assert info.fps == pytest.approx(25.0)
@@ -196,7 +198,7 @@ def test_monochrome2_dicom_built_from_real_frames(tmp_path, gray_frames):
 
 def test_monochrome1_is_inverted_and_cine_rate_gives_fps(tmp_path, gray_frames):
   path = str(tmp_path / "mono1.dcm")
-  _write_dicom(path, gray_frames, photometric="MONOCHROME1", CineRate=15)
+  write_dicom(path, gray_frames, photometric="MONOCHROME1", CineRate=15)
   info = readers.probe(path)
   assert info.fps == 15.0 and info.meta["fps_source"] == "CineRate"
   np.testing.assert_array_equal(np.stack(_frames(path)), 255 - gray_frames)
@@ -205,7 +207,7 @@ def test_monochrome1_is_inverted_and_cine_rate_gives_fps(tmp_path, gray_frames):
 def test_12_bit_dicom_keeps_the_high_8_bits_and_single_frame_fps_is_zero(tmp_path, gray_frames):
   path = str(tmp_path / "twelve.dcm")
   stored = gray_frames[:1].astype(np.uint16) * 16 + 9   # 12-bit values whose high byte is known
-  _write_dicom(path, stored, bits=12)
+  write_dicom(path, stored, bits=12)
   info = readers.probe(path)
   assert (info.num_frames, info.fps, info.meta["bits_stored"]) == (1, 0.0, 12)
   np.testing.assert_array_equal(_frames(path)[0], gray_frames[0])
@@ -432,3 +434,26 @@ def test_demuxer_error_still_flushes_buffered_frames(tmp_path, rgb_frames):
                                                                    errors)]
   assert len(errors) == 1 and errors[0].startswith("demux:")
   np.testing.assert_array_equal(np.stack(frames), np.stack(_frames(path)))
+
+
+def test_damaged_dicom_tags_fall_back_or_name_the_tag(tmp_path, gray_frames, caplog):
+  """Found by tests/test_fuzz_readers.py: a FrameTime of 'Õ00.0' crashed the probe. A timing tag
+  that does not parse is logged and the next source gives the rate; a header integer that does
+  not parse makes the file unreadable, naming the tag."""
+  path = str(tmp_path / "t.dcm")
+
+  def patch(old: bytes, new: bytes):
+    data = open(path, "rb").read()
+    assert data.count(old) == 1
+    open(path, "wb").write(data.replace(old, new))
+
+  write_dicom(path, gray_frames, FrameTime="100.0", CineRate=15)
+  patch(b"DS\x06\x00100.0 ", b"DS\x06\x00x00.0 ")             # (0018,1063) FrameTime
+  info = readers.probe(path)
+  assert info.fps == 15.0 and info.meta["fps_source"] == "CineRate"
+  assert "FrameTime = 'x00.0' is not a number; ignored" in caplog.text
+  write_dicom(path, gray_frames)
+  patch(b"\x28\x00\x08\x00IS\x02\x003 ", b"\x28\x00\x08\x00IS\x02\x00x ")  # NumberOfFrames
+  with pytest.raises(readers.ReadError,
+                     match=r"t.dcm: malformed DICOM header: NumberOfFrames = 'x'"):
+    readers.probe(path)
