@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from ssl_us import checkpoint, parallel, train
-from tests import fixtures, test_survival, test_train
+from tests import fixtures, test_train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -94,7 +94,7 @@ def test_sigterm_on_one_process_and_sigkill_of_both_resume_bit_exactly(tmp_path)
   rest, _ = _finish(_launch(tmp_path, data, wd, "rest", 10, 1), tmp_path, "rest")
   assert rest[0]["step"] == list(range(saved + 1, 11))
   assert rest[0]["loss"] == rest[1]["loss"] == ref[0]["loss"][saved:]
-  test_survival.assert_states_equal(checkpoint.load_state(wd)[2],
+  fixtures.assert_states_equal(checkpoint.load_state(wd)[2],
                                     checkpoint.load_state(ref_wd)[2])
   for i in range(2):
     name = f"process_{i}-of-2.json"

@@ -35,12 +35,6 @@ def clips(tmp_path_factory):
                                 clip_len=4)
 
 
-def assert_states_equal(a, b):
-  """Every leaf of two TrainStates equal to the bit, with its path on failure."""
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-    assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
-
-
 # ----------------------------------------------------------------------------------------------
 # Non-finite steps.
 
@@ -131,7 +125,7 @@ def test_run_stops_after_max_nonfinite_steps_naming_the_last_good_checkpoint(
   # for the step counter and the streak), and nothing non-finite was saved.
   _, _, s4 = checkpoint.load_state(wd, 4)
   _, _, s6 = checkpoint.load_state(wd, 6)
-  assert_states_equal(s6.replace(step=s4.step, nonfinite=s4.nonfinite), s4)
+  fixtures.assert_states_equal(s6.replace(step=s4.step, nonfinite=s4.nonfinite), s4)
   assert int(s6.nonfinite) == 2
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "4", "6"]
 
@@ -198,7 +192,7 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(finished_run, 
   # Restored step 3, replayed 4-6 exactly as the first run did.
   assert rest["step"] == [4, 5, 6]
   assert rest["loss"] == full["loss"][3:]
-  assert_states_equal(checkpoint.load_state(wd)[2], final)
+  fixtures.assert_states_equal(checkpoint.load_state(wd)[2], final)
   # The damaged step was moved aside (not deleted) when step 6 was saved anew.
   moved = glob.glob(os.path.join(wd, "checkpoints.damaged", "6-*"))
   assert len(moved) == 1 and os.path.isdir(moved[0])
@@ -303,7 +297,7 @@ def test_signal_saves_exits_zero_and_the_same_command_resumes_exactly(dataset, r
   rest = json.loads(open(out).read())
   assert rest["step"] == list(range(stop + 1, 10))
   assert rest["loss"] == ref_history["loss"][stop:]
-  assert_states_equal(checkpoint.load_state(wd)[2], ref_state)
+  fixtures.assert_states_equal(checkpoint.load_state(wd)[2], ref_state)
   assert _data_state(wd, 9) == _data_state(ref_wd, 9)
 
 
@@ -329,5 +323,5 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(dataset, reference, tm
   rest = json.loads(open(out).read())
   assert rest["step"] == list(range(saved[-1] + 1, 10))
   assert rest["loss"] == ref_history["loss"][saved[-1]:]
-  assert_states_equal(checkpoint.load_state(wd)[2], ref_state)
+  fixtures.assert_states_equal(checkpoint.load_state(wd)[2], ref_state)
   assert _data_state(wd, 9) == _data_state(ref_wd, 9)
