@@ -5,6 +5,7 @@
 #   ./run.sh prep ARGS       python -m data_prep ARGS
 #   ./run.sh pretrain ARGS   python -m ssl_us.main ARGS
 #   ./run.sh finetune ARGS   python -m ssl_us.finetune ARGS
+#   ./run.sh sweep ARGS      python -m ssl_us.sweep ARGS
 #   ./run.sh bench ARGS      python -m benchmarks.run ARGS (installs the bench extras: torch CPU)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -32,6 +33,7 @@ case "$cmd" in
   prep)     ensure_env test; exec "$PY" -m data_prep "$@" ;;
   pretrain) ensure_env test; exec "$PY" -m ssl_us.main "$@" ;;
   finetune) ensure_env test; exec "$PY" -m ssl_us.finetune "$@" ;;
+  sweep)    ensure_env test; exec "$PY" -m ssl_us.sweep "$@" ;;
   bench)    ensure_env "test,bench"; exec "$PY" -m benchmarks.run "$@" ;;
-  *) echo "usage: ./run.sh [demo|test|prep|pretrain|finetune|bench] [ARGS...]" >&2; exit 2 ;;
+  *) echo "usage: ./run.sh [demo|test|prep|pretrain|finetune|sweep|bench] [ARGS...]" >&2; exit 2 ;;
 esac

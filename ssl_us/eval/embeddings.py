@@ -1,7 +1,13 @@
-"""A quick look at frozen features: kNN accuracy (patient-grouped folds) and a t-SNE embedding.
+"""A quick look at frozen features: kNN accuracy (patient-grouped folds), the alignment and
+uniformity of projections, and a t-SNE embedding.
 
 kNN: cosine similarity between L2-normalised features; each test example takes the majority
 label of its k most similar training examples (ties go to the smaller class id).
+
+Alignment and uniformity (Wang and Isola, ICML 2020), on L2-normalised projections:
+  alignment  = mean_i |z_a[i] - z_b[i]|^alpha                  (alpha = 2; positive pairs)
+  uniformity = log mean_{i != j} exp(-t |z[i] - z[j]|^2)       (t = 2; all distinct pairs)
+Lower is better for both: aligned views, and embeddings spread over the sphere.
 """
 from __future__ import annotations
 
@@ -37,6 +43,25 @@ def knn_accuracy_cv(feats, labels, groups, k: int = 20, folds: int = 5,
     pred = knn_predict(feats[tr], labels[tr], feats[te], min(k, len(tr)), num_classes)
     accs.append(np.mean(pred == labels[te]))
   return float(np.mean(accs)), float(np.std(accs))
+
+
+def alignment(z_a, z_b, alpha: float = 2.0) -> float:
+  """Mean |z_a - z_b|^alpha over positive pairs (rows), after L2 normalisation."""
+  d = np.linalg.norm(_normalise(z_a) - _normalise(z_b), axis=1)
+  return float(np.mean(d ** alpha))
+
+
+def uniformity(z, t: float = 2.0) -> float:
+  """log of the mean of exp(-t |z_i - z_j|^2) over pairs i != j, after L2 normalisation."""
+  z = _normalise(z)
+  n = len(z)
+  if n < 2:
+    raise ValueError(f"uniformity needs at least 2 embeddings, got {n}")
+  sq = np.maximum(2.0 - 2.0 * (z @ z.T), 0.0)              # |z_i - z_j|^2 on the sphere
+  off = ~np.eye(n, dtype=bool)
+  x = -t * sq[off]
+  m = x.max()
+  return float(m + np.log(np.mean(np.exp(x - m))))
 
 
 def tsne(feats, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:

@@ -1,0 +1,653 @@
+r"""Sweeps: a grid of config overrides, one pretraining run per point, one evaluation for all.
+
+  python -m ssl_us.sweep --config configs/simclr_muscle.py:runlocal --workdir W \
+      --set config.data.dir=DIR [--grid config.loss.temperature=0.1,0.5 \
+      --grid config.batch_size=64,128] [--only NAME] [--emit commands | --aggregate]
+
+Grid: the config's ``get_sweep(hyper)`` (big_vision style: ``hyper.sweep``, ``product``,
+``chainit``, ``zipit``, ``fixed``), or the product of the ``--grid`` flags; ``--set`` applies to
+every point. Keys are written ``config.a.b`` as in the configs' sweeps. Every point gets its own
+workdir ``W/<name>``, named from its overrides (``loss.temperature=0.1,batch_size=64``), which is
+a normal pretraining workdir (config.json, checkpoints, logs) plus ``sweep_point.json``: status
+(running, done, failed, stopped), overrides, metrics, error, and the command that reproduces it.
+The learning rate follows the batch through ``optim.lr_scaling`` as in a single run.
+
+Before anything runs, every point is checked: a key the config lacks, a value that does not fit
+the field's type, or a config ``train.validate_config`` refuses (a batch that does not divide
+over the devices) is an error naming the point.
+
+Points run one after the other in this process. Re-running the same command skips the finished
+points and resumes an interrupted one from its checkpoints; a point that fails is recorded with
+its error and the sweep goes on; SIGTERM/SIGINT stops the current point with a checkpoint (see
+``train.StopSignal``) and the sweep with it. For a cluster, ``--emit commands`` prints one
+self-contained command per point (the same command with ``--only NAME``), and ``--aggregate``
+builds the report from whatever point workdirs exist.
+
+Evaluation of every point, after its pretraining, on ``--eval_split`` of the config's dataset
+(records with a label, at most ``--eval_max``, the first frame or clip of each): kNN accuracy
+(k = 20, cosine) and a linear probe (``demo.linear_probe``), each over 5 patient-grouped folds;
+the alignment and uniformity of the normalised projections of two augmented views (Wang and
+Isola, 2020); and the run's final loss, contrastive accuracy and views/s.
+
+Report: ``W/sweep.csv`` and ``W/sweep.md`` (every point, its overrides, every metric, status and
+command), a heatmap PNG per metric over the first two swept keys (a line plot for one key) with
+the best point marked, and ``W/loss_curves.png`` with every point's loss.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import os
+import shlex
+import sys
+import time
+import traceback
+from typing import Any, Sequence
+
+import ml_collections
+
+POINT_FILE = "sweep_point.json"
+# Metrics of the report; True: higher is better.
+METRICS = {"knn_acc": True, "probe_acc": True, "alignment": False, "uniformity": False,
+           "final_loss": False, "final_contrastive_acc": True, "views_per_sec": True}
+
+
+class SweepError(ValueError):
+  """A grid that cannot run; the message names the point and the key."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Grids: the configs' get_sweep(hyper), or --grid flags.
+
+
+class hyper:  # pylint: disable=invalid-name  (the name the configs' get_sweep(hyper) use)
+  """Lists of override dicts, composed as big_vision configs compose them."""
+
+  @staticmethod
+  def sweep(key: str, values) -> list[dict]:
+    return [{key: v} for v in values]
+
+  @staticmethod
+  def fixed(key: str, value) -> list[dict]:
+    return [{key: value}]
+
+  @staticmethod
+  def product(sweeps: Sequence[list[dict]]) -> list[dict]:
+    out = [{}]
+    for s in sweeps:
+      out = [{**a, **b} for a in out for b in s]
+    return out
+
+  @staticmethod
+  def chainit(sweeps: Sequence[list[dict]]) -> list[dict]:
+    return [p for s in sweeps for p in s]
+
+  @staticmethod
+  def zipit(sweeps: Sequence[list[dict]]) -> list[dict]:
+    lengths = {len(s) for s in sweeps}
+    if len(lengths) > 1:
+      raise SweepError(f"hyper.zipit needs sweeps of one length, got {sorted(lengths)}")
+    return [dict(itertools.chain.from_iterable(d.items() for d in ds)) for ds in zip(*sweeps)]
+
+
+def _split_top_level(text: str) -> list[str]:
+  """'0.1,(1, 2),x' -> ['0.1', '(1, 2)', 'x']: commas outside brackets and quotes."""
+  parts, depth, quote, cur = [], 0, None, []
+  for ch in text:
+    if quote:
+      quote = None if ch == quote else quote
+    elif ch in "'\"":
+      quote = ch
+    elif ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    elif ch == "," and depth == 0:
+      parts.append("".join(cur))
+      cur = []
+      continue
+    cur.append(ch)
+  parts.append("".join(cur))
+  return [p.strip() for p in parts]
+
+
+def parse_value(text: str):
+  """A Python literal if it is one ('0.1', '64', 'True', '(64, 64)'), else the string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_assignment(arg: str, flag: str) -> tuple[str, list]:
+  """'config.a.b=v1,v2' -> ('config.a.b', [v1, v2])."""
+  key, sep, values = arg.partition("=")
+  if not sep or not key.strip() or not values.strip():
+    raise SweepError(f"{flag} {arg!r}: expected config.KEY=VALUE[,VALUE...]")
+  return key.strip(), [parse_value(v) for v in _split_top_level(values)]
+
+
+def _key(key: str) -> str:
+  return key[len("config."):] if key.startswith("config.") else key
+
+
+def _fmt(value) -> str:
+  """A value as it appears in point names and commands."""
+  if isinstance(value, (tuple, list)):
+    return "(" + ",".join(_fmt(v) for v in value) + ")"
+  return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  name: str
+  overrides: dict          # config key (no 'config.' prefix) -> value
+
+
+def make_points(grid: list[dict]) -> list[Point]:
+  """Named points; a name is its overrides, 'key=value' joined by ','."""
+  points, seen = [], set()
+  for overrides in grid:
+    o = {_key(k): v for k, v in overrides.items()}
+    name = ",".join(f"{k}={_fmt(v)}" for k, v in o.items()) or "base"
+    name = name.replace("/", "_").replace(" ", "")
+    if name in seen:
+      continue
+    seen.add(name)
+    points.append(Point(name, o))
+  return points
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict,
+                    point: str = "") -> ml_collections.ConfigDict:
+  """A copy of ``config`` with ``overrides`` ({'a.b': value}); clear errors naming the key."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  where = f"point {point}: " if point else ""
+  for key, value in overrides.items():
+    node, parts = c, key.split(".")
+    for i, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise SweepError(f"{where}config has no key 'config.{'.'.join(parts[:i + 1])}' "
+                         f"(from 'config.{key}')")
+      if i < len(parts) - 1:
+        node = node[part]
+    old = node[parts[-1]]
+    if isinstance(old, tuple) and isinstance(value, list):
+      value = tuple(value)
+    if isinstance(old, tuple) and not isinstance(value, tuple):
+      raise SweepError(f"{where}config.{key}={value!r} is not a tuple like {old!r}")
+    try:
+      node[parts[-1]] = value
+    except TypeError as e:
+      raise SweepError(f"{where}config.{key}={value!r} does not fit the field ({old!r}): "
+                       f"{e}") from None
+  return c
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep from the command line's pieces.
+
+
+@dataclasses.dataclass
+class Sweep:
+  config_arg: str                  # configs/x.py[:variant], as given
+  workdir: str
+  base: ml_collections.ConfigDict  # with --set applied
+  points: list[Point]
+  sets: list[str]                  # the --set flags, as given
+  grids: list[str]                 # the --grid flags, as given
+  eval_split: str = "train"
+  eval_max: int = 2000
+
+  def config(self, point: Point) -> ml_collections.ConfigDict:
+    return apply_overrides(self.base, point.overrides, point.name)
+
+  def command(self, point: Point) -> str:
+    """The self-contained command that runs (or resumes) this point and its evaluation."""
+    args = [sys.executable, "-m", "ssl_us.sweep", "--config", self.config_arg,
+            "--workdir", self.workdir]
+    for s in self.sets:
+      args += ["--set", s]
+    for g in self.grids:
+      args += ["--grid", g]
+    args += ["--eval_split", self.eval_split, "--eval_max", str(self.eval_max),
+             "--only", point.name]
+    return shlex.join(args)
+
+
+def load_config_arg(config_arg: str) -> tuple[ml_collections.ConfigDict, Any]:
+  """(config, module) of 'path/to/config.py[:variant]'."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, variant = config_arg.partition(":")
+  if not os.path.exists(path):
+    raise SweepError(f"--config {config_arg}: no such file {path}")
+  spec = importlib.util.spec_from_file_location(
+      f"_sweep_config_{abs(hash(os.path.abspath(path)))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant or None), module
+
+
+def build_sweep(config_arg: str, workdir: str, grids: Sequence[str] = (),
+                sets: Sequence[str] = (), eval_split: str = "train",
+                eval_max: int = 2000) -> Sweep:
+  """Points from --grid (a product) or the config's get_sweep; --set applied to the base."""
+  base, module = load_config_arg(config_arg)
+  for s in sets:
+    key, values = parse_assignment(s, "--set")
+    if len(values) != 1:
+      raise SweepError(f"--set {s!r}: one value (use --grid for several)")
+    base = apply_overrides(base, {_key(key): values[0]})
+  if grids:
+    grid = hyper.product([hyper.sweep(*parse_assignment(g, "--grid")) for g in grids])
+  elif hasattr(module, "get_sweep"):
+    grid = module.get_sweep(hyper)
+  else:
+    raise SweepError(f"{config_arg}: no get_sweep(hyper) and no --grid flags")
+  result = Sweep(config_arg=config_arg, workdir=workdir, base=base, points=make_points(grid),
+                 sets=list(sets), grids=list(grids), eval_split=eval_split, eval_max=eval_max)
+  for p in result.points:   # every key and value checked now, before anything runs
+    result.config(p)
+  return result
+
+
+def check_points(sweep: Sweep, num_devices: int, num_processes: int = 1):
+  """Every point's config, or a SweepError naming the first point that cannot run."""
+  from ssl_us import train  # pylint: disable=g-import-not-at-top
+  configs = {}
+  for p in sweep.points:
+    c = sweep.config(p)
+    try:
+      train.validate_config(c, c.get("num_devices") or num_devices, num_processes)
+    except ValueError as e:
+      raise SweepError(f"point {p.name}: {e}") from None
+    configs[p.name] = c
+  return configs
+
+
+# ----------------------------------------------------------------------------------------------
+# Point records.
+
+
+def _write_json(path: str, obj):
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)   # insertion order: overrides in the sweep's key order
+  os.replace(tmp, path)
+
+
+def read_point(point_dir: str) -> dict | None:
+  path = os.path.join(point_dir, POINT_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _record(sweep: Sweep, point: Point, status: str, **fields):
+  wd = os.path.join(sweep.workdir, point.name)
+  os.makedirs(wd, exist_ok=True)
+  _write_json(os.path.join(wd, POINT_FILE), dict(
+      name=point.name, overrides={f"config.{k}": v for k, v in point.overrides.items()},
+      status=status, command=sweep.command(point), time=time.strftime("%Y-%m-%d %H:%M:%S"),
+      **fields))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def evaluate_point(workdir: str, split: str = "train", max_records: int = 2000,
+                   seed: int = 0) -> dict:
+  """kNN and linear-probe accuracy (patient-grouped 5-fold), alignment and uniformity of one
+  pretraining workdir's latest checkpoint, on the labelled records of ``split``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ssl_us import checkpoint, demo  # pylint: disable=g-import-not-at-top
+  from ssl_us.eval import data as eval_data  # pylint: disable=g-import-not-at-top
+  from ssl_us.eval import embeddings, splits  # pylint: disable=g-import-not-at-top
+  config, method, variables = checkpoint.load_variables(workdir)
+  recs = eval_data.load_records(config.data.dir, (split,))
+  keep = np.flatnonzero(recs.label >= 0)
+  if len(keep) > max_records:
+    keep = np.sort(np.random.default_rng(seed).choice(keep, max_records, replace=False))
+  recs = recs.subset(keep)
+  if len(np.unique(recs.label)) < 2 or len(np.unique(recs.patient)) < 5:
+    raise ValueError(f"{config.data.dir} split {split!r}: the evaluation needs two labels and "
+                     f"five patients, got {len(np.unique(recs.label))} and "
+                     f"{len(np.unique(recs.patient))}")
+  module, enc_vars = method.encoder(variables)
+  x = np.asarray(method.eval_view(recs.images))
+  feats = checkpoint.encode(module, enc_vars, x)
+  knn, _ = embeddings.knn_accuracy_cv(feats, recs.label, recs.patient, k=20, folds=5, seed=seed)
+  probe = float(np.mean([demo.linear_probe(feats[tr], recs.label[tr], feats[te], recs.label[te])
+                         for tr, te in splits.group_kfold(recs.patient, recs.label, 5, seed)]))
+  z_a, z_b = projections_of_two_views(method, variables, recs.images, jax.random.key(seed))
+  return {"knn_acc": float(knn), "probe_acc": probe,
+          "alignment": embeddings.alignment(z_a, z_b),
+          "uniformity": embeddings.uniformity(np.concatenate([z_a, z_b])),
+          "eval_records": int(len(recs))}
+
+
+def projections_of_two_views(method, variables, images, key, batch_size: int = 256):
+  """Projections z (eval mode) of two augmented views of every image or clip, as numpy."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ssl_us import augment, augment_video  # pylint: disable=g-import-not-at-top
+  if images.ndim == 5:
+    aug = functools.partial(augment_video.augment_video_batch, cfg=method.video_aug)
+  else:
+    aug = functools.partial(augment.augment_batch, cfg=method.aug)
+  model_vars = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+  @jax.jit
+  def z_of(k, xb):
+    return method.model.apply(model_vars, aug(k, xb), train=False)["z"]
+
+  k_a, k_b = jax.random.split(key)
+  out = []
+  for k in (k_a, k_b):
+    zs = [np.asarray(z_of(jax.random.fold_in(k, i), images[i:i + batch_size]))
+          for i in range(0, len(images), batch_size)]
+    out.append(np.concatenate(zs))
+  return out[0], out[1]
+
+
+def final_train_metrics(point_dir: str) -> dict:
+  """The last logged loss, contrastive accuracy and views/s, and the loss curve, from the
+  run's TensorBoard logs (every invocation of a resumed run)."""
+  curves = read_scalars(os.path.join(point_dir, "logs"))
+  out = {"steps": [s for s, _ in curves.get("loss", [])],
+         "loss_curve": [v for _, v in curves.get("loss", [])]}
+  for name, key in (("final_loss", "loss"), ("final_contrastive_acc", "contrastive_acc"),
+                    ("views_per_sec", "views_per_sec")):
+    if curves.get(key):
+      out[name] = curves[key][-1][1]
+  return out
+
+
+def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value)]} from every TensorBoard event file in ``logdir``, by step (a step
+  logged again after a resume keeps its last value)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  out: dict[str, dict[int, float]] = {}
+  if not os.path.isdir(logdir):
+    return {}
+  for name in sorted(os.listdir(logdir)):
+    if "tfevents" not in name:
+      continue
+    for event in event_file_loader.EventFileLoader(os.path.join(logdir, name)).Load():
+      for v in event.summary.value:
+        if v.HasField("tensor"):
+          arr = tensor_util.make_ndarray(v.tensor)
+          if arr.shape != () or not np.issubdtype(arr.dtype, np.number):
+            continue                                    # hparams, text: not a scalar
+          value = float(arr)
+        elif v.HasField("simple_value"):
+          value = float(v.simple_value)
+        else:
+          continue
+        out.setdefault(v.tag, {})[int(event.step)] = value
+  return {k: sorted(d.items()) for k, d in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Running.
+
+
+def run_point(sweep: Sweep, point: Point, config, log=print) -> dict:
+  """Pretrain (or resume) one point, then evaluate it; returns its record. Never raises for a
+  failing point: its status is 'failed' with the error."""
+  from ssl_us import train  # pylint: disable=g-import-not-at-top
+  wd = os.path.join(sweep.workdir, point.name)
+  done = read_point(wd)
+  if done and done.get("status") == "done":
+    log(f"[sweep] {point.name}: done, skipped")
+    return done
+  _record(sweep, point, "running")
+  log(f"[sweep] {point.name}: pretraining in {wd}")
+  try:
+    history = train.train_and_evaluate(config, wd)
+    if history.get("preempted"):
+      _record(sweep, point, "stopped", step=history["final_step"])
+      return read_point(wd)
+    metrics = final_train_metrics(wd)
+    metrics.update(evaluate_point(wd, sweep.eval_split, sweep.eval_max))
+    _record(sweep, point, "done", metrics=metrics)
+    log(f"[sweep] {point.name}: " + ", ".join(
+        f"{k} {metrics[k]:.4g}" for k in METRICS if k in metrics))
+  except Exception as e:  # pylint: disable=broad-except  (the sweep goes on)
+    _record(sweep, point, "failed", error=f"{type(e).__name__}: {e}",
+            traceback=traceback.format_exc(limit=6))
+    log(f"[sweep] {point.name}: FAILED {type(e).__name__}: {e}")
+  return read_point(wd)
+
+
+def run(sweep: Sweep, only: str | None = None, log=print) -> list[dict]:
+  """Checks every point, then runs them in order (or ``only`` one); then the report."""
+  import jax  # pylint: disable=g-import-not-at-top
+  configs = check_points(sweep, jax.device_count(), jax.process_count())
+  points = sweep.points
+  if only is not None:
+    points = [p for p in points if p.name == only]
+    if not points:
+      raise SweepError(f"--only {only!r} is not a point of this sweep; points: "
+                       f"{[p.name for p in sweep.points]}")
+  records = []
+  for p in points:
+    rec = run_point(sweep, p, configs[p.name], log)
+    records.append(rec)
+    if rec and rec.get("status") == "stopped":
+      log(f"[sweep] stopped by a signal at {p.name}; run the same command to resume")
+      break
+  if jax.process_index() == 0:
+    report(sweep.workdir, [p.name for p in sweep.points])
+  return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Report.
+
+
+def collect(workdir: str, names: Sequence[str] | None = None) -> list[dict]:
+  """The point records under ``workdir`` (in ``names`` order if given; missing ones as
+  'pending'), each with its train metrics re-read from the logs when it has no metrics yet."""
+  if names is None:
+    names = sorted(d for d in os.listdir(workdir)
+                   if os.path.exists(os.path.join(workdir, d, POINT_FILE)))
+  out = []
+  for name in names:
+    rec = read_point(os.path.join(workdir, name)) or {"name": name, "status": "pending",
+                                                      "overrides": {}}
+    out.append(rec)
+  return out
+
+
+def report(workdir: str, names: Sequence[str] | None = None) -> list[dict]:
+  """W/sweep.csv, W/sweep.md, a PNG per metric and W/loss_curves.png; returns the rows."""
+  records = collect(workdir, names)
+  keys = []
+  for r in records:
+    for k in r.get("overrides", {}):
+      if k not in keys:
+        keys.append(k)
+  rows = []
+  for r in records:
+    m = r.get("metrics", {})
+    row = {"name": r["name"], "status": r["status"]}
+    row.update({k: r.get("overrides", {}).get(k, "") for k in keys})
+    row.update({k: m.get(k, "") for k in METRICS})
+    row["error"] = r.get("error", "")
+    row["command"] = r.get("command", "")
+    rows.append(row)
+  fields = ["name", "status", *keys, *METRICS, "error", "command"]
+  _write_csv(os.path.join(workdir, "sweep.csv"), fields, rows)
+  _write_md(os.path.join(workdir, "sweep.md"), fields, rows)
+  swept = [k for k in keys if len({_fmt(r[k]) for r in rows}) > 1]
+  plots = []
+  for metric, higher in METRICS.items():
+    path = os.path.join(workdir, f"sweep_{metric}.png")
+    if _plot_metric(rows, swept, metric, higher, path):
+      plots.append(path)
+  _plot_losses(records, os.path.join(workdir, "loss_curves.png"))
+  return rows
+
+
+def _write_csv(path, fields, rows):
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=fields)
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: _fmt(v) if isinstance(v, (tuple, list)) else v for k, v in r.items()})
+  os.replace(tmp, path)
+
+
+def _cell(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return str(_fmt(v) if isinstance(v, (tuple, list)) else v).replace("|", "\\|")
+
+
+def _write_md(path, fields, rows):
+  lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+  for r in rows:
+    cells = [f"`{r[k]}`" if k == "command" and r[k] else _cell(r[k]) for k in fields]
+    lines.append("| " + " | ".join(cells) + " |")
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(tmp, path)
+
+
+def _best(values, higher):
+  finite = [(v, i) for i, v in enumerate(values) if isinstance(v, float) and math.isfinite(v)]
+  if not finite:
+    return None
+  return (max if higher else min)(finite, key=lambda t: t[0])[1]   # ties: the first point
+
+
+def _plot_metric(rows, swept, metric, higher, path) -> bool:
+  """Heatmap over the first two swept keys (line plot for one); best point marked."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  values = [float(r[metric]) if isinstance(r[metric], (int, float)) else float("nan")
+            for r in rows]
+  if not swept or all(math.isnan(v) for v in values):
+    return False
+  best = _best(values, higher)
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  if len(swept) == 1:
+    k = swept[0]
+    xs = [_fmt(r[k]) for r in rows]
+    ax.plot(range(len(xs)), values, "o-")
+    ax.set_xticks(range(len(xs)), xs)
+    ax.set_xlabel(k)
+    ax.set_ylabel(metric)
+    if best is not None:
+      ax.plot([best], [values[best]], "r*", markersize=16, label="best")
+      ax.legend()
+  else:
+    kx, ky = swept[0], swept[1]
+    xs = list(dict.fromkeys(_fmt(r[kx]) for r in rows))
+    ys = list(dict.fromkeys(_fmt(r[ky]) for r in rows))
+    grid = np.full((len(ys), len(xs)), np.nan)
+    for r, v in zip(rows, values):
+      yi, xi = ys.index(_fmt(r[ky])), xs.index(_fmt(r[kx]))
+      if math.isnan(grid[yi, xi]) or (v > grid[yi, xi]) == higher:  # other keys: best of them
+        grid[yi, xi] = v
+    im = ax.imshow(grid, cmap="viridis" if higher else "viridis_r", aspect="auto")
+    fig.colorbar(im, ax=ax, label=metric)
+    ax.set_xticks(range(len(xs)), xs)
+    ax.set_yticks(range(len(ys)), ys)
+    ax.set_xlabel(kx)
+    ax.set_ylabel(ky)
+    for yi in range(len(ys)):
+      for xi in range(len(xs)):
+        if not math.isnan(grid[yi, xi]):
+          ax.text(xi, yi, f"{grid[yi, xi]:.3g}", ha="center", va="center", color="w")
+    if best is not None:
+      r = rows[best]
+      ax.add_patch(plt.Rectangle((xs.index(_fmt(r[kx])) - 0.5, ys.index(_fmt(r[ky])) - 0.5), 1,
+                                 1, fill=False, edgecolor="red", linewidth=3))
+  ax.set_title(f"{metric} ({'higher' if higher else 'lower'} is better; best marked)")
+  from ssl_us.eval import plots  # pylint: disable=g-import-not-at-top
+  plots._save(fig, path)  # pylint: disable=protected-access
+  return True
+
+
+def _plot_losses(records, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  drawn = 0
+  for r in records:
+    m = r.get("metrics", {})
+    if m.get("loss_curve"):
+      ax.plot(m["steps"], m["loss_curve"], label=r["name"])
+      drawn += 1
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss")
+  if drawn:
+    ax.legend(fontsize=7)
+  ax.set_title(f"pretraining loss, {drawn} points")
+  from ssl_us.eval import plots  # pylint: disable=g-import-not-at-top
+  plots._save(fig, path)  # pylint: disable=protected-access
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+
+def main(argv=None) -> int:
+  import argparse  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", help="configs/X.py[:variant] (not needed with --aggregate)")
+  p.add_argument("--workdir", required=True, help="the sweep's folder; points go below it")
+  p.add_argument("--grid", action="append", default=[],
+                 help="config.KEY=V1,V2,...; several flags make a product (default: get_sweep)")
+  p.add_argument("--set", action="append", default=[], help="config.KEY=VALUE for every point")
+  p.add_argument("--eval_split", default="train", help="labelled split for the evaluation")
+  p.add_argument("--eval_max", type=int, default=2000, help="records evaluated at most")
+  p.add_argument("--only", help="run this point alone (as --emit commands does)")
+  p.add_argument("--emit", choices=["commands"], help="print one command per point and exit")
+  p.add_argument("--aggregate", action="store_true",
+                 help="build the report from the point workdirs that exist and exit")
+  a = p.parse_args(argv)
+  try:
+    if a.aggregate:
+      rows = report(a.workdir)
+      print(f"[sweep] {len(rows)} points: {a.workdir}/sweep.csv, sweep.md")
+      return 0
+    if not a.config:
+      raise SweepError("--config is required (except with --aggregate)")
+    sweep = build_sweep(a.config, a.workdir, a.grid, a.set, a.eval_split, a.eval_max)
+    if a.emit == "commands":
+      import jax  # pylint: disable=g-import-not-at-top
+      check_points(sweep, jax.device_count(), jax.process_count())
+      for point in sweep.points:
+        print(sweep.command(point))
+      return 0
+    records = run(sweep, a.only)
+  except SweepError as e:
+    print(f"sweep: {e}", file=sys.stderr)
+    return 2
+  failed = [r["name"] for r in records if r and r.get("status") == "failed"]
+  print(f"[sweep] {len(records)} points run, {len(failed)} failed; report: "
+        f"{a.workdir}/sweep.md")
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

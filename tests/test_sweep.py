@@ -1,0 +1,209 @@
+"""ssl_us.sweep: grids and names, errors before any run, skip/resume/failure, the report, and
+the evaluation's metrics by hand."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import awcl_fetal, simclr_muscle
+from ssl_us import sweep, train
+from ssl_us.eval import embeddings
+from tests import fixtures
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Grids and names.
+
+
+def test_get_sweep_grids_expand_and_name_their_points():
+  points = sweep.make_points(simclr_muscle.get_sweep(sweep.hyper))
+  assert len(points) == 20
+  assert points[0] == sweep.Point("loss.temperature=0.05,batch_size=128",
+                                  {"loss.temperature": 0.05, "batch_size": 128})
+  assert points[-1].name == "loss.temperature=1.0,batch_size=1024"
+  names = [p.name for p in sweep.make_points(awcl_fetal.get_sweep(sweep.hyper))]
+  assert names[:3] == ["awcl.pairs=simclr", "awcl.pairs=clpi",
+                       "awcl.granularity=coarse,awcl.anatomy_ratio=0.1"]
+  assert len(names) == 2 + 2 * 4
+
+
+def test_hyper_combinators_by_hand():
+  h = sweep.hyper
+  assert h.product([h.sweep("a", [1, 2]), h.fixed("b", "x")]) == [{"a": 1, "b": "x"},
+                                                                 {"a": 2, "b": "x"}]
+  assert h.zipit([h.sweep("a", [1, 2]), h.sweep("b", [3, 4])]) == [{"a": 1, "b": 3},
+                                                                    {"a": 2, "b": 4}]
+  assert h.chainit([h.sweep("a", [1]), h.sweep("b", [2])]) == [{"a": 1}, {"b": 2}]
+  with pytest.raises(sweep.SweepError, match=r"one length, got \[1, 2\]"):
+    h.zipit([h.sweep("a", [1]), h.sweep("b", [1, 2])])
+
+
+def test_grid_flags_are_a_product_with_typed_values(tmp_path):
+  s = sweep.build_sweep("configs/simclr_muscle.py:runlocal", str(tmp_path),
+                        ["config.loss.temperature=0.1,0.5",
+                         "config.image_size=(32, 32),(48,48)"],
+                        ["config.data.dir=/data/x", "config.aug.brightness_mode=scale"])
+  assert [p.name for p in s.points] == [
+      "loss.temperature=0.1,image_size=(32,32)", "loss.temperature=0.1,image_size=(48,48)",
+      "loss.temperature=0.5,image_size=(32,32)", "loss.temperature=0.5,image_size=(48,48)"]
+  c = s.config(s.points[1])
+  assert c.loss.temperature == 0.1 and c.image_size == (48, 48)
+  assert c.data.dir == "/data/x" and c.aug.brightness_mode == "scale"
+  assert s.base.loss.temperature == simclr_muscle.get_config("runlocal").loss.temperature
+  cmd = s.command(s.points[1])
+  assert cmd.endswith("--only 'loss.temperature=0.1,image_size=(48,48)'"), cmd
+  assert "--grid 'config.image_size=(32, 32),(48,48)'" in cmd
+
+
+@pytest.mark.parametrize("grids,sets,message", [
+    (["config.loss.temprature=0.1"], [], "point loss.temprature=0.1: config has no key "
+                                         "'config.loss.temprature'"),
+    (["config.optim.nope.x=1"], [], "config has no key 'config.optim.nope'"),
+    (["config.loss.temperature=warm"], [], "config.loss.temperature='warm' does not fit"),
+    (["config.image_size=64"], [], r"config.image_size=64 is not a tuple like \(64, 64\)"),
+    ([], ["config.batch_size=1,2"], "one value"),
+    (["config.batch_size"], [], "expected config.KEY=VALUE"),
+])
+def test_bad_grids_are_errors_naming_the_key(tmp_path, grids, sets, message):
+  with pytest.raises(sweep.SweepError, match=message):
+    sweep.build_sweep("configs/simclr_muscle.py:runlocal", str(tmp_path), grids, sets)
+  assert not os.listdir(tmp_path)
+
+
+def test_a_batch_that_does_not_divide_is_an_error_before_any_run(tmp_path):
+  s = sweep.build_sweep("configs/simclr_muscle.py:runlocal", str(tmp_path / "w"),
+                        ["config.batch_size=64,12"], ["config.data.dir=/data/x"])
+  with pytest.raises(sweep.SweepError, match="point batch_size=12: config.batch_size=12 does "
+                                             "not divide over 8 devices"):
+    sweep.run(s)
+  assert not os.path.exists(tmp_path / "w")
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation metrics by hand.
+
+
+def test_alignment_and_uniformity_by_hand():
+  z_a = np.array([[2.0, 0.0], [0.0, 1.0]])
+  z_b = np.array([[0.0, 3.0], [0.0, 5.0]])
+  # Normalised: |(1,0) - (0,1)|^2 = 2 and 0 -> mean 1.
+  assert embeddings.alignment(z_a, z_b) == pytest.approx(1.0)
+  assert embeddings.alignment(z_a, z_b, alpha=1) == pytest.approx(math.sqrt(2) / 2)
+  # Three points at 0, 90 and 180 degrees: squared distances 2, 4, 2 (each pair twice).
+  z = np.array([[1.0, 0.0], [0.0, 3.0], [-2.0, 0.0]])
+  expected = math.log((4 * math.exp(-4) + 2 * math.exp(-8)) / 6)
+  assert embeddings.uniformity(z) == pytest.approx(expected, rel=1e-12)
+  with pytest.raises(ValueError, match="at least 2"):
+    embeddings.uniformity(z[:1])
+
+
+def test_knn_accuracy_by_hand():
+  # Two tight clusters; 5 patients; every held-out example's 2 nearest share its label.
+  feats = np.array([[1, 0.1 * i] for i in range(5)] + [[0.1 * i, 1] for i in range(5)], float)
+  labels = np.array([0] * 5 + [1] * 5)
+  groups = np.array([f"p{i % 5}" for i in range(10)])
+  mean, std = embeddings.knn_accuracy_cv(feats, labels, groups, k=2, folds=5)
+  assert (mean, std) == (1.0, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running: skip, resume, failure, report.
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  # 12 videos: 6 patients, two labels: enough for patient-grouped 5-fold evaluation.
+  return fixtures.write_dataset(str(tmp_path_factory.mktemp("data")), num_videos=12, frames=4)
+
+
+def _config_file(tmp_path, data_dir) -> str:
+  path = tmp_path / "tiny_sweep_config.py"
+  path.write_text(
+      "from tests import test_train\n\n\n"
+      "def get_config(arg=None):\n"
+      f"  c = test_train.sgd_config({data_dir!r}, num_steps=4, ckpt_every=2)\n"
+      "  return c\n")
+  return str(path)
+
+
+def test_sweep_runs_skips_resumes_and_records_failures(dataset, tmp_path, monkeypatch):
+  cfg = _config_file(tmp_path, dataset)
+  wd = str(tmp_path / "sw")
+  grids = ["config.loss.temperature=0.2,0.5", "config.data.split=train,nosuch"]
+  s = sweep.build_sweep(cfg, wd, grids)
+  names = [p.name for p in s.points]
+  # One point was killed after 2 of its 4 steps (its record says 'running').
+  killed = s.points[2]                                    # temperature 0.5, split train
+  sweep._record(s, killed, "running")
+  train.train_and_evaluate(s.config(killed), os.path.join(wd, killed.name), max_steps=2)
+  calls = []
+  real = train.train_and_evaluate
+  monkeypatch.setattr(train, "train_and_evaluate",
+                      lambda c, w, **kw: calls.append(os.path.basename(w)) or real(c, w, **kw))
+  records = {r["name"]: r for r in sweep.run(s, log=lambda m: None)}
+  assert [records[n]["status"] for n in names] == ["done", "failed", "done", "failed"]
+  assert "nosuch" in records[names[1]]["error"]            # the failure did not stop the rest
+  done = records[names[2]]["metrics"]
+  assert done["steps"] == [1, 2, 3, 4]                     # resumed: both invocations' logs
+  for k in ("knn_acc", "probe_acc"):
+    assert 0.0 <= done[k] <= 1.0
+  assert 0.0 <= done["alignment"] <= 4.0 and done["uniformity"] <= 0.0
+  assert done["eval_records"] == 48
+  # A second invocation: the finished points are skipped, the failed ones tried again.
+  calls.clear()
+  sweep.run(s, log=lambda m: None)
+  assert calls == [names[1], names[3]]
+  # The report.
+  rows = list(csv.DictReader(open(os.path.join(wd, "sweep.csv"))))
+  assert [r["name"] for r in rows] == names
+  assert rows[0]["config.loss.temperature"] == "0.2" and rows[0]["config.data.split"] == "train"
+  assert rows[0]["status"] == "done" and float(rows[0]["knn_acc"]) >= 0
+  assert rows[0]["command"].endswith(f"--only {names[0]}")
+  md = open(os.path.join(wd, "sweep.md")).read()
+  assert md.count("\n") == 2 + len(names) and "| failed |" in md
+  for f in ("sweep_knn_acc.png", "sweep_final_loss.png", "loss_curves.png"):
+    assert os.path.getsize(os.path.join(wd, f)) > 1000, f
+
+
+def test_aggregate_on_hand_made_point_workdirs(tmp_path):
+  wd = tmp_path / "sw"
+  for name, temp, status, metrics in [
+      ("loss.temperature=0.1", 0.1, "done", {"knn_acc": 0.75, "final_loss": 2.5}),
+      ("loss.temperature=0.5", 0.5, "failed", {})]:
+    (wd / name).mkdir(parents=True)
+    (wd / name / sweep.POINT_FILE).write_text(json.dumps(dict(
+        name=name, overrides={"config.loss.temperature": temp}, status=status,
+        metrics=metrics, error="" if metrics else "RuntimeError: boom", command=f"cmd {name}")))
+  (wd / "not_a_point").mkdir()
+  r = subprocess.run([sys.executable, "-m", "ssl_us.sweep", "--workdir", str(wd), "--aggregate"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  text = (wd / "sweep.csv").read_text().splitlines()
+  assert text == [
+      "name,status,config.loss.temperature,knn_acc,probe_acc,alignment,uniformity,final_loss,"
+      "final_contrastive_acc,views_per_sec,error,command",
+      "loss.temperature=0.1,done,0.1,0.75,,,,2.5,,,,cmd loss.temperature=0.1",
+      "loss.temperature=0.5,failed,0.5,,,,,,,,RuntimeError: boom,cmd loss.temperature=0.5"]
+  assert (wd / "sweep_knn_acc.png").exists() and (wd / "loss_curves.png").exists()
+
+
+def test_emit_commands_prints_one_runnable_command_per_point(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "ssl_us.sweep", "--config",
+                      "configs/simclr_muscle.py:runlocal", "--workdir", str(tmp_path / "w"),
+                      "--set", "config.data.dir=/data/x", "--grid",
+                      "config.loss.temperature=0.1,0.5", "--emit", "commands"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300,
+                     env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  lines = r.stdout.strip().splitlines()
+  assert len(lines) == 2
+  assert lines[1].endswith("--only loss.temperature=0.5")
+  assert "--set config.data.dir=/data/x" in lines[0]
+  assert not os.path.exists(tmp_path / "w")
