@@ -50,6 +50,7 @@ import traceback
 from typing import Any, Sequence
 
 import ml_collections
+import numpy as np
 
 POINT_FILE = "sweep_point.json"
 # Metrics of the report; True: higher is better.
@@ -203,6 +204,8 @@ class Sweep:
   grids: list[str]                 # the --grid flags, as given
   eval_split: str = "train"
   eval_max: int = 2000
+  monitor_every: int = 0           # the online monitor every N steps (0: off)
+  monitor_size: int = 256          # records of --eval_split it evaluates
 
   def config(self, point: Point) -> ml_collections.ConfigDict:
     return apply_overrides(self.base, point.overrides, point.name)
@@ -215,8 +218,11 @@ class Sweep:
       args += ["--set", s]
     for g in self.grids:
       args += ["--grid", g]
-    args += ["--eval_split", self.eval_split, "--eval_max", str(self.eval_max),
-             "--only", point.name]
+    args += ["--eval_split", self.eval_split, "--eval_max", str(self.eval_max)]
+    if self.monitor_every:
+      args += ["--monitor_every", str(self.monitor_every), "--monitor_size",
+               str(self.monitor_size)]
+    args += ["--only", point.name]
     return shlex.join(args)
 
 
@@ -234,8 +240,8 @@ def load_config_arg(config_arg: str) -> tuple[ml_collections.ConfigDict, Any]:
 
 
 def build_sweep(config_arg: str, workdir: str, grids: Sequence[str] = (),
-                sets: Sequence[str] = (), eval_split: str = "train",
-                eval_max: int = 2000) -> Sweep:
+                sets: Sequence[str] = (), eval_split: str = "train", eval_max: int = 2000,
+                monitor_every: int = 0, monitor_size: int = 256) -> Sweep:
   """Points from --grid (a product) or the config's get_sweep; --set applied to the base."""
   base, module = load_config_arg(config_arg)
   for s in sets:
@@ -250,7 +256,8 @@ def build_sweep(config_arg: str, workdir: str, grids: Sequence[str] = (),
   else:
     raise SweepError(f"{config_arg}: no get_sweep(hyper) and no --grid flags")
   result = Sweep(config_arg=config_arg, workdir=workdir, base=base, points=make_points(grid),
-                 sets=list(sets), grids=list(grids), eval_split=eval_split, eval_max=eval_max)
+                 sets=list(sets), grids=list(grids), eval_split=eval_split, eval_max=eval_max,
+                 monitor_every=monitor_every, monitor_size=monitor_size)
   for p in result.points:   # every key and value checked now, before anything runs
     result.config(p)
   return result
@@ -307,7 +314,6 @@ def evaluate_point(workdir: str, split: str = "train", max_records: int = 2000,
   """kNN and linear-probe accuracy (patient-grouped 5-fold), alignment and uniformity of one
   pretraining workdir's latest checkpoint, on the labelled records of ``split``."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from ssl_us import checkpoint, demo  # pylint: disable=g-import-not-at-top
   from ssl_us.eval import data as eval_data  # pylint: disable=g-import-not-at-top
   from ssl_us.eval import embeddings, splits  # pylint: disable=g-import-not-at-top
@@ -329,33 +335,72 @@ def evaluate_point(workdir: str, split: str = "train", max_records: int = 2000,
                          for tr, te in splits.group_kfold(recs.patient, recs.label, 5, seed)]))
   z_a, z_b = projections_of_two_views(method, variables, recs.images, jax.random.key(seed))
   return {"knn_acc": float(knn), "probe_acc": probe,
-          "alignment": embeddings.alignment(z_a, z_b),
-          "uniformity": embeddings.uniformity(np.concatenate([z_a, z_b])),
+          "alignment": float(embeddings.alignment(z_a, z_b)),
+          "uniformity": float(embeddings.uniformity(np.concatenate([z_a, z_b]))),
           "eval_records": int(len(recs))}
 
 
-def projections_of_two_views(method, variables, images, key, batch_size: int = 256):
-  """Projections z (eval mode) of two augmented views of every image or clip, as numpy."""
+def eval_set(dataset_dir: str, split: str, size: int, seed: int = 0):
+  """(images, labels, integer patient ids) of up to ``size`` labelled records of ``split``."""
+  from ssl_us.eval import data as eval_data  # pylint: disable=g-import-not-at-top
+  recs = eval_data.load_records(dataset_dir, (split,))
+  keep = np.flatnonzero(recs.label >= 0)
+  if len(keep) > size:
+    keep = np.sort(np.random.default_rng(seed).choice(keep, size, replace=False))
+  recs = recs.subset(keep)
+  return recs.images, recs.label, np.unique(recs.patient, return_inverse=True)[1]
+
+
+def make_monitor(method, images, labels, patients, every: int, k: int = 20, seed: int = 0):
+  """train.Monitor: on a fixed small set, with the state's encoder and head (eval mode), the
+  leave-patient-out kNN accuracy (k = 20, cosine) and the alignment and uniformity of two
+  augmented views' projections; all on device, under one jit."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ssl_us import train  # pylint: disable=g-import-not-at-top
+  from ssl_us.eval import embeddings  # pylint: disable=g-import-not-at-top
+  others = min(int(np.sum(patients != p)) for p in np.unique(patients))
+  k = min(k, others)
+  num_classes = int(labels.max()) + 1
+  x = jnp.asarray(method.eval_view(images))
+  data = (jnp.asarray(images), jnp.asarray(labels), jnp.asarray(patients))
+  key = jax.random.key(seed)
+
+  @jax.jit
+  def fn(state):
+    raw, y, g = data
+    variables = {"params": state.params, **state.variables}
+    module, enc_vars = method.encoder(variables)
+    h = module.apply(enc_vars, x, train=False)
+    z_a, z_b = _two_view_projections(method, variables, raw, key)
+    return {"monitor/knn_acc": embeddings.knn_accuracy_leave_group_out(h, y, g, k, num_classes),
+            "monitor/alignment": embeddings.alignment(z_a, z_b),
+            "monitor/uniformity": embeddings.uniformity(jnp.concatenate([z_a, z_b]))}
+  return train.Monitor(every=every, fn=fn)
+
+
+def _two_view_projections(method, variables, images, key):
+  """Projections z (eval mode) of two augmented views (keys from ``key``) of uint8 images or
+  clips; traceable."""
+  import jax  # pylint: disable=g-import-not-at-top
   from ssl_us import augment, augment_video  # pylint: disable=g-import-not-at-top
   if images.ndim == 5:
     aug = functools.partial(augment_video.augment_video_batch, cfg=method.video_aug)
   else:
     aug = functools.partial(augment.augment_batch, cfg=method.aug)
   model_vars = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-
-  @jax.jit
-  def z_of(k, xb):
-    return method.model.apply(model_vars, aug(k, xb), train=False)["z"]
-
   k_a, k_b = jax.random.split(key)
-  out = []
-  for k in (k_a, k_b):
-    zs = [np.asarray(z_of(jax.random.fold_in(k, i), images[i:i + batch_size]))
-          for i in range(0, len(images), batch_size)]
-    out.append(np.concatenate(zs))
-  return out[0], out[1]
+  return tuple(method.model.apply(model_vars, aug(k, images), train=False)["z"]
+               for k in (k_a, k_b))
+
+
+def projections_of_two_views(method, variables, images, key, batch_size: int = 256):
+  """_two_view_projections in batches (a key per batch), as numpy."""
+  import jax  # pylint: disable=g-import-not-at-top
+  fn = jax.jit(lambda xb, k: _two_view_projections(method, variables, xb, k))
+  parts = [fn(images[i:i + batch_size], jax.random.fold_in(key, i))
+           for i in range(0, len(images), batch_size)]
+  return tuple(np.concatenate([np.asarray(p[j]) for p in parts]) for j in range(2))
 
 
 def final_train_metrics(point_dir: str) -> dict:
@@ -374,7 +419,6 @@ def final_train_metrics(point_dir: str) -> dict:
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
   """{tag: [(step, value)]} from every TensorBoard event file in ``logdir``, by step (a step
   logged again after a resume keeps its last value)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
   from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
   out: dict[str, dict[int, float]] = {}
@@ -414,7 +458,13 @@ def run_point(sweep: Sweep, point: Point, config, log=print) -> dict:
   _record(sweep, point, "running")
   log(f"[sweep] {point.name}: pretraining in {wd}")
   try:
-    history = train.train_and_evaluate(config, wd)
+    monitor = None
+    if sweep.monitor_every:
+      from ssl_us.methods import make_method  # pylint: disable=g-import-not-at-top
+      monitor = make_monitor(make_method(config),
+                             *eval_set(config.data.dir, sweep.eval_split, sweep.monitor_size),
+                             every=sweep.monitor_every)
+    history = train.train_and_evaluate(config, wd, monitor=monitor)
     if history.get("preempted"):
       _record(sweep, point, "stopped", step=history["final_step"])
       return read_point(wd)
@@ -539,7 +589,6 @@ def _plot_metric(rows, swept, metric, higher, path) -> bool:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   values = [float(r[metric]) if isinstance(r[metric], (int, float)) else float("nan")
             for r in rows]
   if not swept or all(math.isnan(v) for v in values):
@@ -620,6 +669,10 @@ def main(argv=None) -> int:
   p.add_argument("--set", action="append", default=[], help="config.KEY=VALUE for every point")
   p.add_argument("--eval_split", default="train", help="labelled split for the evaluation")
   p.add_argument("--eval_max", type=int, default=2000, help="records evaluated at most")
+  p.add_argument("--monitor_every", type=int, default=0,
+                 help="online monitor (kNN, alignment, uniformity on --monitor_size records of "
+                 "--eval_split) every N steps, in TensorBoard; 0: off")
+  p.add_argument("--monitor_size", type=int, default=256)
   p.add_argument("--only", help="run this point alone (as --emit commands does)")
   p.add_argument("--emit", choices=["commands"], help="print one command per point and exit")
   p.add_argument("--aggregate", action="store_true",
@@ -632,7 +685,8 @@ def main(argv=None) -> int:
       return 0
     if not a.config:
       raise SweepError("--config is required (except with --aggregate)")
-    sweep = build_sweep(a.config, a.workdir, a.grid, a.set, a.eval_split, a.eval_max)
+    sweep = build_sweep(a.config, a.workdir, a.grid, a.set, a.eval_split, a.eval_max,
+                        a.monitor_every, a.monitor_size)
     if a.emit == "commands":
       import jax  # pylint: disable=g-import-not-at-top
       check_points(sweep, jax.device_count(), jax.process_count())

@@ -17,6 +17,7 @@ all processes); a damaged newest checkpoint falls back to the next (``checkpoint
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -289,6 +290,14 @@ class StopSignal:
     return multihost_utils.reached_preemption_sync_point(step)
 
 
+@dataclasses.dataclass(frozen=True)
+class Monitor:
+  """An online evaluation every ``every`` steps: ``fn(state)`` -> {name: device scalar}, jitted.
+  Its results stay on device until the next log step, where they are written at their step."""
+  every: int
+  fn: Any
+
+
 class NonFiniteError(RuntimeError):
   """Too many non-finite steps in a row; the message names the step and the last checkpoint."""
 
@@ -316,8 +325,12 @@ def _host_metrics(pending, count) -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
-                       max_steps: int | None = None, log_fn=None) -> dict:
+                       max_steps: int | None = None, log_fn=None,
+                       monitor: Monitor | None = None) -> dict:
   """Pretrain to config.num_steps (or stop early at ``max_steps``); resumes from the workdir.
+
+  ``monitor``: an online evaluation (see Monitor) of the state after every ``monitor.every``
+  steps, logged with the metrics; it reads the state and changes nothing.
 
   Returns the host-side history: {'step': [...], 'loss': [...], ...} at each logging step,
   'final_step', and 'preempted' (the signal's name) when SIGTERM or SIGINT stopped the run
@@ -357,6 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   progress = _Progress(start, end, config.log_every, config.batch_size * views_per_example,
                        enabled=jax.process_index() == 0 and config.get("progress_bar", True))
   pending, count = None, 0  # metric sums stay on device between logging steps
+  monitored = []            # (step, device metrics) of the online monitor since the last log
   last = start
   with StopSignal() as stop:
     for step in range(start, end):
@@ -364,8 +378,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
       state, metrics = step_fn(state, batch)
       pending, count = _accumulate(pending, metrics), count + 1
       last = step + 1
+      if monitor is not None and last % monitor.every == 0:
+        monitored.append((last, monitor.fn(state)))
       stopping = stop.should_stop(last)
       if last % config.log_every == 0 or last == end or stopping:
+        for mstep, m in jax.device_get(monitored):
+          writer.write_scalars(mstep, {k: float(v) for k, v in m.items()})
+          for k, v in m.items():
+            history.setdefault(k, []).append((mstep, float(v)))
+        monitored = []
         host = _host_metrics(pending, count)
         pending, count = None, 0
         host.update(progress.rates(last))

@@ -94,14 +94,28 @@ def test_alignment_and_uniformity_by_hand():
   z_a = np.array([[2.0, 0.0], [0.0, 1.0]])
   z_b = np.array([[0.0, 3.0], [0.0, 5.0]])
   # Normalised: |(1,0) - (0,1)|^2 = 2 and 0 -> mean 1.
-  assert embeddings.alignment(z_a, z_b) == pytest.approx(1.0)
-  assert embeddings.alignment(z_a, z_b, alpha=1) == pytest.approx(math.sqrt(2) / 2)
+  assert float(embeddings.alignment(z_a, z_b)) == pytest.approx(1.0, rel=1e-6)
+  assert float(embeddings.alignment(z_a, z_b, alpha=1)) == pytest.approx(math.sqrt(2) / 2,
+                                                                         rel=1e-6)
   # Three points at 0, 90 and 180 degrees: squared distances 2, 4, 2 (each pair twice).
   z = np.array([[1.0, 0.0], [0.0, 3.0], [-2.0, 0.0]])
   expected = math.log((4 * math.exp(-4) + 2 * math.exp(-8)) / 6)
-  assert embeddings.uniformity(z) == pytest.approx(expected, rel=1e-12)
+  assert float(embeddings.uniformity(z)) == pytest.approx(expected, rel=1e-6)
   with pytest.raises(ValueError, match="at least 2"):
     embeddings.uniformity(z[:1])
+
+
+def test_leave_patient_out_knn_by_hand():
+  # 4 examples, patients 0 0 1 1. Example 0's nearest other-patient example is 2 (same label),
+  # example 1's is 3 (label 1 vs its 0), 2's is 0, 3's is 1: 2 of 4 right with k = 1.
+  feats = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]])
+  labels = np.array([0, 0, 0, 1])
+  groups = np.array([0, 0, 1, 1])
+  acc = embeddings.knn_accuracy_leave_group_out(feats, labels, groups, k=1, num_classes=2)
+  assert float(acc) == 0.5
+  # k = 2: both other-patient examples vote; ties go to class 0 -> 0 0 0 0 vs 0 0 0 1.
+  acc = embeddings.knn_accuracy_leave_group_out(feats, labels, groups, k=2, num_classes=2)
+  assert float(acc) == 0.75
 
 
 def test_knn_accuracy_by_hand():
@@ -207,3 +221,23 @@ def test_emit_commands_prints_one_runnable_command_per_point(tmp_path):
   assert lines[1].endswith("--only loss.temperature=0.5")
   assert "--set config.data.dir=/data/x" in lines[0]
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_online_monitor_changes_no_training_result(dataset, tmp_path):
+  """The monitor reads the state between steps (no host sync) and changes nothing: losses and
+  final states equal to the bit with and without it; its metrics reach the history."""
+  cfg = _config_file(tmp_path, dataset)
+  s = sweep.build_sweep(cfg, str(tmp_path / "sw"), ["config.loss.temperature=0.5"])
+  config = s.config(s.points[0])
+  from ssl_us.methods import make_method
+  monitor = sweep.make_monitor(make_method(config), *sweep.eval_set(dataset, "train", 32),
+                               every=2)
+  plain = train.train_and_evaluate(config, str(tmp_path / "plain"))
+  watched = train.train_and_evaluate(config, str(tmp_path / "watched"), monitor=monitor)
+  assert watched["loss"] == plain["loss"]
+  from ssl_us import checkpoint
+  fixtures.assert_states_equal(checkpoint.load_state(str(tmp_path / "watched"))[2],
+                               checkpoint.load_state(str(tmp_path / "plain"))[2])
+  assert [s for s, _ in watched["monitor/knn_acc"]] == [2, 4]
+  assert all(0 <= v <= 1 for _, v in watched["monitor/knn_acc"])
+  assert "monitor/knn_acc" in sweep.read_scalars(str(tmp_path / "watched" / "logs"))

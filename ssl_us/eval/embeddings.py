@@ -11,6 +11,8 @@ Lower is better for both: aligned views, and embeddings spread over the sphere.
 """
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ssl_us.eval import splits
@@ -45,23 +47,40 @@ def knn_accuracy_cv(feats, labels, groups, k: int = 20, folds: int = 5,
   return float(np.mean(accs)), float(np.std(accs))
 
 
-def alignment(z_a, z_b, alpha: float = 2.0) -> float:
+# The next three are jax.numpy, so that the online monitor computes them on device under jit;
+# on numpy input they run on the default device.
+
+
+def _jnormalise(x):
+  x = jnp.asarray(x, jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def alignment(z_a, z_b, alpha: float = 2.0):
   """Mean |z_a - z_b|^alpha over positive pairs (rows), after L2 normalisation."""
-  d = np.linalg.norm(_normalise(z_a) - _normalise(z_b), axis=1)
-  return float(np.mean(d ** alpha))
+  d = jnp.linalg.norm(_jnormalise(z_a) - _jnormalise(z_b), axis=-1)
+  return jnp.mean(d ** alpha)
 
 
-def uniformity(z, t: float = 2.0) -> float:
+def uniformity(z, t: float = 2.0):
   """log of the mean of exp(-t |z_i - z_j|^2) over pairs i != j, after L2 normalisation."""
-  z = _normalise(z)
-  n = len(z)
+  n = z.shape[0]
   if n < 2:
     raise ValueError(f"uniformity needs at least 2 embeddings, got {n}")
-  sq = np.maximum(2.0 - 2.0 * (z @ z.T), 0.0)              # |z_i - z_j|^2 on the sphere
-  off = ~np.eye(n, dtype=bool)
-  x = -t * sq[off]
-  m = x.max()
-  return float(m + np.log(np.mean(np.exp(x - m))))
+  z = _jnormalise(z)
+  sq = jnp.maximum(2.0 - 2.0 * (z @ z.T), 0.0)             # |z_i - z_j|^2 on the sphere
+  off = ~jnp.eye(n, dtype=bool)
+  return jax.nn.logsumexp(jnp.where(off, -t * sq, -jnp.inf)) - jnp.log(n * (n - 1))
+
+
+def knn_accuracy_leave_group_out(feats, labels, groups, k: int, num_classes: int):
+  """kNN accuracy where each example's k nearest (cosine) come from other groups (patients)
+  only; ties go to the smaller class id. ``groups``: integer ids."""
+  f = _jnormalise(feats)
+  sim = jnp.where(groups[:, None] == groups[None, :], -jnp.inf, f @ f.T)
+  _, nearest = jax.lax.top_k(sim, k)
+  votes = jax.nn.one_hot(labels[nearest], num_classes).sum(axis=1)
+  return jnp.mean(jnp.argmax(votes, axis=-1) == labels)
 
 
 def tsne(feats, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
