@@ -16,7 +16,8 @@ Before anything runs, every point is checked: a key the config lacks, a value th
 the field's type, or a config ``train.validate_config`` refuses (a batch that does not divide
 over the devices) is an error naming the point.
 
-Points run one after the other in this process. Re-running the same command skips the finished
+Points run one after the other in this process, or ``--parallel K`` at once, each in its own
+process (its ``--only`` command) on a disjoint 1/K of the local GPUs or CPU devices. Re-running the same command skips the finished
 points and resumes an interrupted one from its checkpoints; a point that fails is recorded with
 its error and the sweep goes on; SIGTERM/SIGINT stops the current point with a checkpoint (see
 ``train.StopSignal``) and the sweep with it. For a cluster, ``--emit commands`` prints one
@@ -470,7 +471,8 @@ def run_point(sweep: Sweep, point: Point, config, log=print) -> dict:
       return read_point(wd)
     metrics = final_train_metrics(wd)
     metrics.update(evaluate_point(wd, sweep.eval_split, sweep.eval_max))
-    _record(sweep, point, "done", metrics=metrics)
+    import jax  # pylint: disable=g-import-not-at-top
+    _record(sweep, point, "done", metrics=metrics, devices=jax.device_count())
     log(f"[sweep] {point.name}: " + ", ".join(
         f"{k} {metrics[k]:.4g}" for k in METRICS if k in metrics))
   except Exception as e:  # pylint: disable=broad-except  (the sweep goes on)
@@ -500,6 +502,78 @@ def run(sweep: Sweep, only: str | None = None, log=print) -> list[dict]:
   if jax.process_index() == 0:
     report(sweep.workdir, [p.name for p in sweep.points])
   return records
+
+
+def local_devices() -> tuple[str, int]:
+  """(platform, local device count), asked of a fresh Python so that this process does not
+  initialise (and, on a GPU, reserve the memory of) any device."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  out = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend(), "
+                        "jax.local_device_count())"], capture_output=True, text=True, check=True)
+  platform, count = out.stdout.split()[-2:]
+  return platform, int(count)
+
+
+def device_env(platform: str, devices: Sequence[int], total: int) -> dict:
+  """Environment that shows a child process only ``devices`` of the ``total`` local ones."""
+  env = dict(os.environ)
+  if platform == "gpu":
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(total)]
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[i] for i in devices)
+  elif platform == "cpu":
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count="
+                                         f"{len(devices)}"])
+  else:
+    raise SweepError(f"--parallel on {platform!r} devices is not supported: run the points of "
+                     "--emit commands as separate jobs")
+  return env
+
+
+def run_parallel(sweep: Sweep, parallel: int, log=print) -> list[dict]:
+  """The points ``parallel`` at a time, each in a child process (its --only command) on its
+  own disjoint share of the local devices; then the report."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  platform, total = local_devices()
+  if not 1 <= parallel <= total or total % parallel:
+    raise SweepError(f"--parallel {parallel} does not split {total} local {platform} devices "
+                     "into equal shares")
+  per = total // parallel
+  check_points(sweep, per)
+  queue = list(sweep.points)
+  running: dict[int, tuple[Point, Any]] = {}
+  records = {}
+  while queue or running:
+    for slot in range(parallel):
+      if slot not in running and queue:
+        point = queue.pop(0)
+        done = read_point(os.path.join(sweep.workdir, point.name))
+        if done and done.get("status") == "done":
+          log(f"[sweep] {point.name}: done, skipped")
+          records[point.name] = done
+          continue
+        devices = list(range(slot * per, (slot + 1) * per))
+        log(f"[sweep] {point.name}: on {platform} devices {devices}")
+        running[slot] = (point, subprocess.Popen(
+            shlex.split(sweep.command(point)), env=device_env(platform, devices, total),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for slot, (point, proc) in list(running.items()):
+      if proc.poll() is None:
+        continue
+      del running[slot]
+      err = proc.stderr.read()
+      rec = read_point(os.path.join(sweep.workdir, point.name))
+      if proc.returncode not in (0, 1) or rec is None or rec.get("status") == "running":
+        _record(sweep, point, "failed", error=f"the point's process ended with exit code "
+                f"{proc.returncode}: {err.strip().splitlines()[-1] if err.strip() else ''}")
+        rec = read_point(os.path.join(sweep.workdir, point.name))
+      records[point.name] = rec
+      log(f"[sweep] {point.name}: {rec.get('status')}")
+    time.sleep(0.5)
+  report(sweep.workdir, [p.name for p in sweep.points])
+  return [records[p.name] for p in sweep.points]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -674,6 +748,8 @@ def main(argv=None) -> int:
                  "--eval_split) every N steps, in TensorBoard; 0: off")
   p.add_argument("--monitor_size", type=int, default=256)
   p.add_argument("--only", help="run this point alone (as --emit commands does)")
+  p.add_argument("--parallel", type=int, default=1,
+                 help="points at once, each in its own process on 1/K of the local devices")
   p.add_argument("--emit", choices=["commands"], help="print one command per point and exit")
   p.add_argument("--aggregate", action="store_true",
                  help="build the report from the point workdirs that exist and exit")
@@ -693,7 +769,10 @@ def main(argv=None) -> int:
       for point in sweep.points:
         print(sweep.command(point))
       return 0
-    records = run(sweep, a.only)
+    if a.parallel > 1 and not a.only:
+      records = run_parallel(sweep, a.parallel)
+    else:
+      records = run(sweep, a.only)
   except SweepError as e:
     print(f"sweep: {e}", file=sys.stderr)
     return 2

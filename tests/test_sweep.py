@@ -241,3 +241,31 @@ def test_online_monitor_changes_no_training_result(dataset, tmp_path):
   assert [s for s, _ in watched["monitor/knn_acc"]] == [2, 4]
   assert all(0 <= v <= 1 for _, v in watched["monitor/knn_acc"])
   assert "monitor/knn_acc" in sweep.read_scalars(str(tmp_path / "watched" / "logs"))
+
+
+def test_parallel_points_run_on_disjoint_device_shares(dataset, tmp_path):
+  """--parallel 2 on 8 fake CPU devices: two child processes of 4 devices each; the same
+  records as a sequential run would write."""
+  cfg = _config_file(tmp_path, dataset)
+  wd = tmp_path / "sw"
+  r = subprocess.run([sys.executable, "-m", "ssl_us.sweep", "--config", cfg, "--workdir",
+                      str(wd), "--grid", "config.loss.temperature=0.2,0.5", "--parallel", "2"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=600,
+                     env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  for name in ("loss.temperature=0.2", "loss.temperature=0.5"):
+    rec = sweep.read_point(str(wd / name))
+    assert rec["status"] == "done" and rec["devices"] == 4, rec
+    assert rec["metrics"]["steps"] == [1, 2, 3, 4]
+  assert "devices [0, 1, 2, 3]" in r.stdout and "devices [4, 5, 6, 7]" in r.stdout
+  assert len((wd / "sweep.csv").read_text().splitlines()) == 3
+
+
+def test_device_env_gives_each_child_its_share(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1 --xla_force_host_platform_device_count=8")
+  assert sweep.device_env("cpu", [4, 5, 6, 7], 8)["XLA_FLAGS"] == (
+      "--xla_foo=1 --xla_force_host_platform_device_count=4")
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")
+  assert sweep.device_env("gpu", [2, 3], 4)["CUDA_VISIBLE_DEVICES"] == "6,7"
+  with pytest.raises(sweep.SweepError, match="not supported"):
+    sweep.device_env("tpu", [0], 4)
