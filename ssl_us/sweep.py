@@ -643,7 +643,8 @@ def _cell(v) -> str:
 def _write_md(path, fields, rows):
   lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
   for r in rows:
-    cells = [f"`{r[k]}`" if k == "command" and r[k] else _cell(r[k]) for k in fields]
+    cells = [f"`{r[k]}`" if k == "command" and r[k] else
+             _cell(r[k]) if k in METRICS else _cell(_fmt(r[k])) for k in fields]
     lines.append("| " + " | ".join(cells) + " |")
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
@@ -694,10 +695,14 @@ def _plot_metric(rows, swept, metric, higher, path) -> bool:
     ax.set_yticks(range(len(ys)), ys)
     ax.set_xlabel(kx)
     ax.set_ylabel(ky)
+    lo, hi = np.nanmin(grid), np.nanmax(grid)
     for yi in range(len(ys)):
       for xi in range(len(xs)):
         if not math.isnan(grid[yi, xi]):
-          ax.text(xi, yi, f"{grid[yi, xi]:.3g}", ha="center", va="center", color="w")
+          bright = (grid[yi, xi] - lo) > 0.5 * (hi - lo) if higher else (
+              grid[yi, xi] - lo) < 0.5 * (hi - lo)
+          ax.text(xi, yi, f"{grid[yi, xi]:.3g}", ha="center", va="center",
+                  color="k" if bright else "w")
     if best is not None:
       r = rows[best]
       ax.add_patch(plt.Rectangle((xs.index(_fmt(r[kx])) - 0.5, ys.index(_fmt(r[ky])) - 0.5), 1,
