@@ -316,29 +316,23 @@ def evaluate_point(workdir: str, split: str = "train", max_records: int = 2000,
   pretraining workdir's latest checkpoint, on the labelled records of ``split``."""
   import jax  # pylint: disable=g-import-not-at-top
   from ssl_us import checkpoint, demo  # pylint: disable=g-import-not-at-top
-  from ssl_us.eval import data as eval_data  # pylint: disable=g-import-not-at-top
   from ssl_us.eval import embeddings, splits  # pylint: disable=g-import-not-at-top
   config, method, variables = checkpoint.load_variables(workdir)
-  recs = eval_data.load_records(config.data.dir, (split,))
-  keep = np.flatnonzero(recs.label >= 0)
-  if len(keep) > max_records:
-    keep = np.sort(np.random.default_rng(seed).choice(keep, max_records, replace=False))
-  recs = recs.subset(keep)
-  if len(np.unique(recs.label)) < 2 or len(np.unique(recs.patient)) < 5:
+  images, labels, patients = eval_set(config.data.dir, split, max_records, seed)
+  if len(np.unique(labels)) < 2 or len(np.unique(patients)) < 5:
     raise ValueError(f"{config.data.dir} split {split!r}: the evaluation needs two labels and "
-                     f"five patients, got {len(np.unique(recs.label))} and "
-                     f"{len(np.unique(recs.patient))}")
+                     f"five patients, got {len(np.unique(labels))} and "
+                     f"{len(np.unique(patients))}")
   module, enc_vars = method.encoder(variables)
-  x = np.asarray(method.eval_view(recs.images))
-  feats = checkpoint.encode(module, enc_vars, x)
-  knn, _ = embeddings.knn_accuracy_cv(feats, recs.label, recs.patient, k=20, folds=5, seed=seed)
-  probe = float(np.mean([demo.linear_probe(feats[tr], recs.label[tr], feats[te], recs.label[te])
-                         for tr, te in splits.group_kfold(recs.patient, recs.label, 5, seed)]))
-  z_a, z_b = projections_of_two_views(method, variables, recs.images, jax.random.key(seed))
+  feats = checkpoint.encode(module, enc_vars, np.asarray(method.eval_view(images)))
+  knn, _ = embeddings.knn_accuracy_cv(feats, labels, patients, k=20, folds=5, seed=seed)
+  probe = float(np.mean([demo.linear_probe(feats[tr], labels[tr], feats[te], labels[te])
+                         for tr, te in splits.group_kfold(patients, labels, 5, seed)]))
+  z_a, z_b = projections_of_two_views(method, variables, images, jax.random.key(seed))
   return {"knn_acc": float(knn), "probe_acc": probe,
           "alignment": float(embeddings.alignment(z_a, z_b)),
           "uniformity": float(embeddings.uniformity(np.concatenate([z_a, z_b]))),
-          "eval_records": int(len(recs))}
+          "eval_records": int(len(labels))}
 
 
 def eval_set(dataset_dir: str, split: str, size: int, seed: int = 0):
