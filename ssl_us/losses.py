@@ -8,9 +8,22 @@ the returned value is the loss over the global batch, identical on every device.
 
 View ordering of the 2N anchors is [z_a (N rows); z_b (N rows)] over the *global* batch, so the
 partner of row i < N is row N + i.
+
+Two implementations of NT-Xent and AWCL, equal in value and gradient (``impl``):
+
+- ``dense``: each device builds its (2n x 2N) logits against the gathered global batch.
+- ``ring``: the key blocks (each device's 2n views) travel around the mesh axis with
+  ``jax.lax.ppermute``; each device accumulates, per local anchor, an online logsumexp of the
+  denominator, the sum and count of its positives' logits, and for the metrics the largest
+  non-partner logit and sum p*logit, one (2n x 2n) block at a time. The backward pass
+  (``jax.custom_vjp``) recomputes every block in a second pass of the ring, sending each block's
+  key gradient along with it until it is home again, so no (2n x 2N) array exists on a device
+  in either pass: memory is O(n^2 + n d), whatever N.
+- ``auto``: ``ring`` when the dense logits would exceed ``dense_limit_bytes``.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -67,16 +80,34 @@ def _global_mean(x, axis_name):
   return m if axis_name is None else jax.lax.pmean(m, axis_name)
 
 
-def nt_xent(z_a, z_b, *, temperature, axis_name=None):
+IMPLS = ("dense", "ring", "auto")
+DENSE_LIMIT_BYTES = 1 << 30   # 'auto': the dense (2n x 2N) float32 logits above this -> ring
+
+
+def resolve_impl(impl: str, n: int, axis_name, dense_limit_bytes: int = DENSE_LIMIT_BYTES):
+  """'dense' or 'ring' for ``impl`` on a device holding n examples of the global batch."""
+  if impl not in IMPLS:
+    raise ValueError(f"loss impl {impl!r}; use one of {IMPLS}")
+  if impl != "auto":
+    return impl
+  devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+  return "ring" if (2 * n) * (2 * n * devices) * 4 > dense_limit_bytes else "dense"
+
+
+def nt_xent(z_a, z_b, *, temperature, axis_name=None, impl="dense"):
   """NT-Xent (papers' Eq. 1), mean over all 2N anchors of the global batch.
 
   l_i = -log( exp(sim(z_i, z_j(i))/t) / sum_{k != i} exp(sim(z_i, z_k)/t) ).
   """
-  return nt_xent_and_metrics(z_a, z_b, temperature=temperature, axis_name=axis_name)[0]
+  return nt_xent_and_metrics(z_a, z_b, temperature=temperature, axis_name=axis_name,
+                             impl=impl)[0]
 
 
-def nt_xent_and_metrics(z_a, z_b, *, temperature, axis_name=None):
+def nt_xent_and_metrics(z_a, z_b, *, temperature, axis_name=None, impl="dense",
+                        dense_limit_bytes: int = DENSE_LIMIT_BYTES):
   """NT-Xent plus contrastive top-1 accuracy and mean softmax entropy (global means)."""
+  if resolve_impl(impl, z_a.shape[0], axis_name, dense_limit_bytes) == "ring":
+    return _ring_loss_and_metrics(z_a, z_b, None, temperature, axis_name)
   pl = pair_logits(z_a, z_b, temperature=temperature, axis_name=axis_name)
   log_den = jax.nn.logsumexp(pl.logits, axis=-1)
   pos = jnp.take_along_axis(pl.logits, pl.pos_idx[:, None], axis=-1)[:, 0]
@@ -131,7 +162,7 @@ def awcl_positive_mask(pl: PairLogits, anchor_labels, key_labels):
   return (same | partner) & (cols != pl.self_idx[:, None])
 
 
-def awcl(z_a, z_b, labels, *, temperature, axis_name=None):
+def awcl(z_a, z_b, labels, *, temperature, axis_name=None, impl="dense"):
   """Anatomy-aware contrastive loss (paper 002 Eq. 3), mean over all 2N anchors.
 
   l_i = -1/|A(i)| sum_{a in A(i)} log( exp(sim(z_i, z_a)/t) / sum_{k != i} exp(sim(z_i, z_k)/t) )
@@ -139,11 +170,17 @@ def awcl(z_a, z_b, labels, *, temperature, axis_name=None):
   anchor, Eq. 1 (NT-Xent with its partner) for an unlabeled one. ``labels`` (n,) int holds one
   anatomy class per example of this device, -1 for none; both views share it.
   """
-  return awcl_and_metrics(z_a, z_b, labels, temperature=temperature, axis_name=axis_name)[0]
+  return awcl_and_metrics(z_a, z_b, labels, temperature=temperature, axis_name=axis_name,
+                          impl=impl)[0]
 
 
-def awcl_and_metrics(z_a, z_b, labels, *, temperature, axis_name=None):
+def awcl_and_metrics(z_a, z_b, labels, *, temperature, axis_name=None, impl="dense",
+                     dense_limit_bytes: int = DENSE_LIMIT_BYTES):
   """AWCL loss plus contrastive accuracy/entropy and the mean |A(i)| (global means)."""
+  if resolve_impl(impl, z_a.shape[0], axis_name, dense_limit_bytes) == "ring":
+    _view_labels(labels, z_a.shape[0], None)   # the same checks as dense
+    return _ring_loss_and_metrics(z_a, z_b, jnp.asarray(labels), temperature, axis_name,
+                                  with_num_positives=True)
   pl = pair_logits(z_a, z_b, temperature=temperature, axis_name=axis_name)
   anchor_labels, key_labels = _view_labels(labels, z_a.shape[0], axis_name)
   pos = awcl_positive_mask(pl, anchor_labels, key_labels)
@@ -154,3 +191,141 @@ def awcl_and_metrics(z_a, z_b, labels, *, temperature, axis_name=None):
   metrics = _contrastive_metrics(pl, log_den, axis_name)
   metrics["awcl_num_positives"] = _global_mean(num_pos.astype(jnp.float32), axis_name)
   return _global_mean(per_anchor, axis_name), metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Ring implementation (see the module docstring).
+
+
+def _ring_loss_and_metrics(z_a, z_b, labels, temperature, axis_name, with_num_positives=False):
+  """NT-Xent (labels None) or AWCL over the ring; the dense functions' outputs."""
+  _check_temperature(temperature)
+  if z_a.shape != z_b.shape or z_a.ndim != 2:
+    raise ValueError(f"z_a and z_b must both be (n, d); got {z_a.shape} and {z_b.shape}")
+  n = z_a.shape[0]
+  anchors = jnp.concatenate([l2_normalize(z_a), l2_normalize(z_b)])    # (2n, d) float32
+  view_labels = (jnp.full((2 * n,), -1, jnp.int32) if labels is None
+                 else jnp.concatenate([labels, labels]).astype(jnp.int32))
+  per_anchor, stats = _ring(anchors, view_labels, float(temperature), axis_name)
+  log_den, s1, max_other, partner, num_pos = stats
+  metrics = {
+      "contrastive_acc": _global_mean((partner > max_other).astype(jnp.float32), axis_name),
+      "contrastive_entropy": _global_mean(log_den - s1, axis_name)}
+  if with_num_positives:
+    metrics["awcl_num_positives"] = _global_mean(num_pos, axis_name)
+  return _global_mean(per_anchor, axis_name), metrics
+
+
+def _ring_size(axis_name):
+  return 1 if axis_name is None else jax.lax.axis_size(axis_name)
+
+
+def _varying(tree, axis_name):
+  """Leaves marked as varying over ``axis_name`` (scan carries must keep one type)."""
+  def cast(x):
+    if axis_name in jax.typeof(x).manual_axis_type.varying:
+      return x
+    return jax.lax.pcast(x, (axis_name,), to="varying")
+  return jax.tree.map(cast, tree)
+
+
+def _shift(x, axis_name):
+  """Every device's x to the next device on the ring (device d gets d - 1's)."""
+  size = jax.lax.axis_size(axis_name)
+  return jax.lax.ppermute(x, axis_name, [(i, (i + 1) % size) for i in range(size)])
+
+
+def _block(anchors, keys, anchor_labels, key_labels, home, temperature):
+  """Logits of the local anchors against one key block, with its self and positive masks.
+
+  ``home``: the block is this device's own (step 0), where each anchor meets itself and its
+  partner (anchor i < n pairs with key n + i and n + i with i)."""
+  two_n = anchors.shape[0]
+  n = two_n // 2
+  logits = anchors @ keys.T / temperature                              # (2n, 2n) float32
+  eye = jnp.eye(two_n, dtype=bool)
+  partner = jnp.roll(eye, n, axis=1)
+  is_self = home & eye
+  is_partner = home & partner
+  same = (anchor_labels[:, None] >= 0) & (anchor_labels[:, None] == key_labels[None, :])
+  positive = (same | is_partner) & ~is_self
+  return jnp.where(is_self, _MASK, logits), is_self, is_partner, positive
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _ring(anchors, view_labels, temperature, axis_name):
+  """Per-anchor loss (2n,) and statistics; see _ring_forward."""
+  return _ring_forward(anchors, view_labels, temperature, axis_name)[0]
+
+
+def _ring_forward(anchors, view_labels, temperature, axis_name):
+  two_n = anchors.shape[0]
+  neg_inf = jnp.full((two_n,), -jnp.inf, jnp.float32)
+  zeros = jnp.zeros((two_n,), jnp.float32)
+
+  def visit(acc, keys, key_labels, home):
+    m, s0, s1, pos_sum, num_pos, max_other, partner = acc
+    logits, is_self, is_partner, positive = _block(anchors, keys, view_labels, key_labels,
+                                                   home, temperature)
+    live = jnp.where(is_self, -jnp.inf, logits)
+    m_new = jnp.maximum(m, live.max(axis=1))
+    scale = jnp.exp(m - m_new)
+    e = jnp.exp(live - m_new[:, None])
+    s0 = s0 * scale + e.sum(axis=1)
+    s1 = s1 * scale + (e * jnp.where(is_self, 0.0, logits)).sum(axis=1)
+    pos_sum = pos_sum + jnp.where(positive, logits, 0.0).sum(axis=1)
+    num_pos = num_pos + positive.sum(axis=1)
+    max_other = jnp.maximum(max_other, jnp.where(is_self | is_partner, -jnp.inf,
+                                                 logits).max(axis=1))
+    partner = partner + jnp.where(is_partner, logits, 0.0).sum(axis=1)
+    return (m_new, s0, s1, pos_sum, num_pos, max_other, partner)
+
+  acc = (neg_inf, zeros, zeros, zeros, zeros, neg_inf, zeros)
+  acc = visit(acc, anchors, view_labels, True)
+  steps = _ring_size(axis_name) - 1
+  if steps:
+    def body(carry, _):
+      acc, keys, key_labels = carry
+      keys, key_labels = _shift(keys, axis_name), _shift(key_labels, axis_name)
+      return (visit(acc, keys, key_labels, False), keys, key_labels), None
+    carry = _varying((acc, anchors, view_labels), axis_name)
+    (acc, _, _), _ = jax.lax.scan(body, carry, None, length=steps)
+  m, s0, s1, pos_sum, num_pos, max_other, partner = acc
+  log_den = m + jnp.log(s0)
+  per_anchor = log_den - pos_sum / num_pos
+  stats = (log_den, s1 / s0, max_other, partner, num_pos)
+  return (per_anchor, jax.lax.stop_gradient(stats)), (anchors, view_labels, log_den, num_pos)
+
+
+def _ring_fwd(anchors, view_labels, temperature, axis_name):
+  return _ring_forward(anchors, view_labels, temperature, axis_name)
+
+
+def _ring_bwd(temperature, axis_name, residuals, cotangents):
+  """d per_anchor_i / d logit_ik = p_ik - [k in A(i)] / |A(i)|; a second pass of the ring
+  recomputes each block and carries its key gradient home with it."""
+  anchors, view_labels, log_den, num_pos = residuals
+  g = cotangents[0]                                                    # (2n,)
+
+  def visit(keys, key_labels, home):
+    logits, is_self, _, positive = _block(anchors, keys, view_labels, key_labels, home,
+                                          temperature)
+    p = jnp.where(is_self, 0.0, jnp.exp(logits - log_den[:, None]))
+    dlogits = g[:, None] * (p - positive / num_pos[:, None]) / temperature
+    return dlogits @ keys, dlogits.T @ anchors          # d anchors, d keys (this block)
+
+  d_anchors, d_keys = visit(anchors, view_labels, True)
+  size = _ring_size(axis_name)
+  if size > 1:
+    def body(carry, _):
+      d_anchors, keys, key_labels, d_keys = carry
+      keys, key_labels, d_keys = (_shift(x, axis_name) for x in (keys, key_labels, d_keys))
+      da, dk = visit(keys, key_labels, False)
+      return (d_anchors + da, keys, key_labels, d_keys + dk), None
+    carry = _varying((d_anchors, anchors, view_labels, d_keys), axis_name)
+    (d_anchors, _, _, d_keys), _ = jax.lax.scan(body, carry, None, length=size - 1)
+    d_keys = _shift(d_keys, axis_name)                   # the last hop: every block home
+  return d_anchors + d_keys, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)

@@ -56,6 +56,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
     raise ValueError(f"config.batch_size={b} does not divide over {num_processes} processes")
   if "loss" in config and "temperature" in config.loss and not config.loss.temperature > 0:
     raise ValueError(f"config.loss.temperature must be > 0, got {config.loss.temperature}")
+  impl = config.get("loss", {}).get("impl", "dense")
+  if impl not in ("dense", "ring", "auto"):
+    raise ValueError(f"config.loss.impl={impl!r}; use dense, ring or auto")
   if config.optim.name not in ("adam", "adamw", "lars", "sgd"):
     raise ValueError(f"config.optim.name={config.optim.name!r}; use adam, adamw, lars or sgd")
   if config.optim.lr_scaling not in ("none", "linear", "sqrt"):

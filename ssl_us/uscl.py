@@ -64,14 +64,16 @@ def masked_cross_entropy(logits, labels, *, axis_name=None):
   return total / jnp.maximum(count, 1.0), count
 
 
-def uscl_loss(z_a, z_b, logits_a, logits_b, labels, *, temperature, lambda_ce, axis_name=None):
+def uscl_loss(z_a, z_b, logits_a, logits_b, labels, *, temperature, lambda_ce, axis_name=None,
+              **loss_kw):
   """Paper 003 Eq. 1: L = NT-Xent(z_a, z_b) + lambda_ce * CE over the labeled views of both.
 
   z_* (n, d) projections and logits_* (n, C) classifier outputs of view 1 and view 2; labels (n,)
-  the video's class or -1. Returns (loss, metrics).
+  the video's class or -1. ``loss_kw``: losses.nt_xent_and_metrics's impl options. Returns
+  (loss, metrics).
   """
   con, metrics = losses.nt_xent_and_metrics(z_a, z_b, temperature=temperature,
-                                            axis_name=axis_name)
+                                            axis_name=axis_name, **loss_kw)
   ce, count = masked_cross_entropy(jnp.concatenate([logits_a, logits_b]),
                                    jnp.concatenate([labels, labels]), axis_name=axis_name)
   metrics = dict(metrics, contrastive_loss=con, ce_loss=ce, num_labeled=count / 2)

@@ -60,7 +60,7 @@ class AWCL(SimCLR):
     z_a, z_b = jnp.split(out["z"], 2)
     loss, metrics = losses.awcl_and_metrics(z_a, z_b, batch["anatomy"],
                                             temperature=self.temperature,
-                                            axis_name=self.axis_name)
+                                            axis_name=self.axis_name, **self.loss_kw)
     metrics["labeled_fraction"] = _labeled_fraction(batch["anatomy"], self.axis_name)
     return loss, ({"batch_stats": batch_stats}, metrics)
 

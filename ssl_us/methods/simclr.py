@@ -36,6 +36,9 @@ class SimCLR:
     self.model = build_model(config, axis_name)
     self.aug = augment.AugmentConfig.from_config(config.aug, out_size=config.image_size)
     self.temperature = float(config.loss.temperature)
+    # NT-Xent / AWCL implementation (losses.IMPLS): dense logits, or the ring over the mesh axis.
+    self.loss_kw = dict(impl=config.loss.get("impl", "dense"),
+                        dense_limit_bytes=int(config.loss.get("dense_limit_mb", 1024) * 2**20))
     self.sampler = self.make_sampler(config)
 
   def make_sampler(self, config):
@@ -76,7 +79,7 @@ class SimCLR:
     out, batch_stats = self.forward(params, variables, jnp.concatenate([v_a, v_b]), k_drop)
     z_a, z_b = jnp.split(out["z"], 2)
     loss, metrics = losses.nt_xent_and_metrics(z_a, z_b, temperature=self.temperature,
-                                               axis_name=self.axis_name)
+                                               axis_name=self.axis_name, **self.loss_kw)
     return loss, ({"batch_stats": batch_stats}, metrics)
 
   def after_update(self, variables, params, step):

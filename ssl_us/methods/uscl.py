@@ -80,5 +80,5 @@ class USCL(SimCLR):
     logits_a, logits_b = jnp.split(out["logits"], 2)
     loss, metrics = uscl.uscl_loss(z_a, z_b, logits_a, logits_b, batch["label"],
                                    temperature=self.temperature, lambda_ce=self.lambda_ce,
-                                   axis_name=self.axis_name)
+                                   axis_name=self.axis_name, **self.loss_kw)
     return loss, ({"batch_stats": batch_stats}, metrics)
