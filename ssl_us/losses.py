@@ -235,21 +235,35 @@ def _shift(x, axis_name):
   return jax.lax.ppermute(x, axis_name, [(i, (i + 1) % size) for i in range(size)])
 
 
-def _block(anchors, keys, anchor_labels, key_labels, home, temperature):
-  """Logits of the local anchors against one key block, with its self and positive masks.
+# Rows of anchors per tile of a block: a block's logits are computed for this many anchors at a
+# time (one float32 (tile x 2n) array), so a device's memory stays bounded at large n too.
+RING_TILE_ROWS = 1024
 
-  ``home``: the block is this device's own (step 0), where each anchor meets itself and its
-  partner (anchor i < n pairs with key n + i and n + i with i)."""
-  two_n = anchors.shape[0]
-  n = two_n // 2
-  logits = anchors @ keys.T / temperature                              # (2n, 2n) float32
-  eye = jnp.eye(two_n, dtype=bool)
-  partner = jnp.roll(eye, n, axis=1)
-  is_self = home & eye
-  is_partner = home & partner
+
+def _tile_rows(two_n: int) -> int:
+  """The largest divisor of 2n that is at most RING_TILE_ROWS (2n itself when it fits)."""
+  max_rows = RING_TILE_ROWS
+  if two_n <= max_rows:
+    return two_n
+  return max(d for d in range(1, max_rows + 1) if two_n % d == 0)
+
+
+def _block(anchors, rows, keys, anchor_labels, key_labels, home, temperature):
+  """Logits of anchor rows ``rows`` (of the local 2n) against one key block (2n keys), with the
+  self and positive masks. ``home``: the block is this device's own (step 0), where anchor r
+  meets itself (key r) and its partner (key r + n mod 2n)."""
+  two_n = keys.shape[0]
+  logits = anchors @ keys.T / temperature                          # (tile, 2n) float32
+  cols = jnp.arange(two_n)[None, :]
+  is_self = home & (rows[:, None] == cols)
+  is_partner = home & ((rows[:, None] + two_n // 2) % two_n == cols)
   same = (anchor_labels[:, None] >= 0) & (anchor_labels[:, None] == key_labels[None, :])
   positive = (same | is_partner) & ~is_self
   return jnp.where(is_self, _MASK, logits), is_self, is_partner, positive
+
+
+def _tiles(x, tile):
+  return x.reshape((x.shape[0] // tile, tile) + x.shape[1:])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -260,13 +274,13 @@ def _ring(anchors, view_labels, temperature, axis_name):
 
 def _ring_forward(anchors, view_labels, temperature, axis_name):
   two_n = anchors.shape[0]
-  neg_inf = jnp.full((two_n,), -jnp.inf, jnp.float32)
-  zeros = jnp.zeros((two_n,), jnp.float32)
+  tile = _tile_rows(two_n)
+  rows = jnp.arange(two_n)
 
-  def visit(acc, keys, key_labels, home):
+  def visit_tile(acc, a, r, y, keys, key_labels, home):
     m, s0, s1, pos_sum, num_pos, max_other, partner = acc
-    logits, is_self, is_partner, positive = _block(anchors, keys, view_labels, key_labels,
-                                                   home, temperature)
+    logits, is_self, is_partner, positive = _block(a, r, keys, y, key_labels, home,
+                                                   temperature)
     live = jnp.where(is_self, -jnp.inf, logits)
     m_new = jnp.maximum(m, live.max(axis=1))
     scale = jnp.exp(m - m_new)
@@ -280,7 +294,18 @@ def _ring_forward(anchors, view_labels, temperature, axis_name):
     partner = partner + jnp.where(is_partner, logits, 0.0).sum(axis=1)
     return (m_new, s0, s1, pos_sum, num_pos, max_other, partner)
 
+  def visit(acc, keys, key_labels, home):
+    per_tile = lambda xs: visit_tile(xs[0], xs[1], xs[2], xs[3], keys, key_labels, home)
+    out = jax.lax.map(per_tile, (jax.tree.map(lambda v: _tiles(v, tile), acc),
+                                 _tiles(anchors, tile), _tiles(rows, tile),
+                                 _tiles(view_labels, tile)))
+    return jax.tree.map(lambda v: v.reshape(two_n), out)
+
+  neg_inf = jnp.full((two_n,), -jnp.inf, jnp.float32)
+  zeros = jnp.zeros((two_n,), jnp.float32)
   acc = (neg_inf, zeros, zeros, zeros, zeros, neg_inf, zeros)
+  if axis_name is not None:
+    acc = _varying(acc, axis_name)
   acc = visit(acc, anchors, view_labels, True)
   steps = _ring_size(axis_name) - 1
   if steps:
@@ -303,16 +328,27 @@ def _ring_fwd(anchors, view_labels, temperature, axis_name):
 
 def _ring_bwd(temperature, axis_name, residuals, cotangents):
   """d per_anchor_i / d logit_ik = p_ik - [k in A(i)] / |A(i)|; a second pass of the ring
-  recomputes each block and carries its key gradient home with it."""
+  recomputes each block (tile by tile) and carries its key gradient home with it."""
   anchors, view_labels, log_den, num_pos = residuals
   g = cotangents[0]                                                    # (2n,)
+  two_n = anchors.shape[0]
+  tile = _tile_rows(two_n)
+  rows = jnp.arange(two_n)
 
   def visit(keys, key_labels, home):
-    logits, is_self, _, positive = _block(anchors, keys, view_labels, key_labels, home,
-                                          temperature)
-    p = jnp.where(is_self, 0.0, jnp.exp(logits - log_den[:, None]))
-    dlogits = g[:, None] * (p - positive / num_pos[:, None]) / temperature
-    return dlogits @ keys, dlogits.T @ anchors          # d anchors, d keys (this block)
+    """(d anchors (2n, d), d keys (2n, d)) of this block, accumulated over anchor tiles."""
+    def per_tile(d_keys, xs):
+      a, r, y, ld, npos, gt = xs
+      logits, is_self, _, positive = _block(a, r, keys, y, key_labels, home, temperature)
+      p = jnp.where(is_self, 0.0, jnp.exp(logits - ld[:, None]))
+      dlogits = gt[:, None] * (p - positive / npos[:, None]) / temperature
+      return d_keys + dlogits.T @ a, dlogits @ keys
+    xs = tuple(_tiles(v, tile) for v in (anchors, rows, view_labels, log_den, num_pos, g))
+    d_keys0 = jnp.zeros_like(keys)
+    if axis_name is not None:
+      d_keys0 = _varying(d_keys0, axis_name)
+    d_keys, d_anchors = jax.lax.scan(per_tile, d_keys0, xs)
+    return d_anchors.reshape(anchors.shape), d_keys
 
   d_anchors, d_keys = visit(anchors, view_labels, True)
   size = _ring_size(axis_name)

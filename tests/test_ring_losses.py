@@ -87,6 +87,22 @@ def test_ring_equals_dense_in_value_metrics_and_gradient(name, kind, temperature
     assert max(errors.values()) <= tol + (2**-8 if dtype == "bfloat16" else 0), errors
 
 
+@pytest.mark.parametrize("name", ["nt_xent", "awcl"])
+def test_ring_in_anchor_tiles_equals_dense(name, monkeypatch):
+  """Blocks computed 4 anchor rows at a time (3 tiles of the 12 local views) as at large n."""
+  monkeypatch.setattr(losses, "RING_TILE_ROWS", 4)
+  assert losses._tile_rows(12) == 4 and losses._tile_rows(14) == 2  # pylint: disable=protected-access
+  z_a, z_b = (jnp.asarray(z, jnp.float32) for z in _embeddings("random", 5))
+  labels = _labels(5)
+  v_d, m_d, g_d = _run(name, "dense", z_a, z_b, labels, 0.1)
+  v_r, m_r, g_r = _run(name, "ring", z_a, z_b, labels, 0.1)
+  tol = fixtures.FLOAT32_STEP_RTOL
+  assert abs(v_r - v_d) <= tol * abs(v_d)
+  for k in m_d:
+    np.testing.assert_allclose(m_r[k], m_d[k], rtol=tol, err_msg=k)
+  assert max(fixtures.normwise_errors(g_r, g_d).values()) <= tol
+
+
 def test_ring_on_one_device_equals_dense():
   z_a, z_b = _embeddings("random", 3)
   y = _labels(3)
