@@ -29,6 +29,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ssl_us import parallel
+
 _MASK = -1e9  # large negative instead of -inf keeps softmax gradients finite in bf16/f32
 
 
@@ -220,15 +222,6 @@ def _ring_size(axis_name):
   return 1 if axis_name is None else jax.lax.axis_size(axis_name)
 
 
-def _varying(tree, axis_name):
-  """Leaves marked as varying over ``axis_name`` (scan carries must keep one type)."""
-  def cast(x):
-    if axis_name in jax.typeof(x).manual_axis_type.varying:
-      return x
-    return jax.lax.pcast(x, (axis_name,), to="varying")
-  return jax.tree.map(cast, tree)
-
-
 def _shift(x, axis_name):
   """Every device's x to the next device on the ring (device d gets d - 1's)."""
   size = jax.lax.axis_size(axis_name)
@@ -305,7 +298,7 @@ def _ring_forward(anchors, view_labels, temperature, axis_name):
   zeros = jnp.zeros((two_n,), jnp.float32)
   acc = (neg_inf, zeros, zeros, zeros, zeros, neg_inf, zeros)
   if axis_name is not None:
-    acc = _varying(acc, axis_name)
+    acc = parallel.varying(acc, axis_name)
   acc = visit(acc, anchors, view_labels, True)
   steps = _ring_size(axis_name) - 1
   if steps:
@@ -313,7 +306,7 @@ def _ring_forward(anchors, view_labels, temperature, axis_name):
       acc, keys, key_labels = carry
       keys, key_labels = _shift(keys, axis_name), _shift(key_labels, axis_name)
       return (visit(acc, keys, key_labels, False), keys, key_labels), None
-    carry = _varying((acc, anchors, view_labels), axis_name)
+    carry = parallel.varying((acc, anchors, view_labels), axis_name)
     (acc, _, _), _ = jax.lax.scan(body, carry, None, length=steps)
   m, s0, s1, pos_sum, num_pos, max_other, partner = acc
   log_den = m + jnp.log(s0)
@@ -346,7 +339,7 @@ def _ring_bwd(temperature, axis_name, residuals, cotangents):
     xs = tuple(_tiles(v, tile) for v in (anchors, rows, view_labels, log_den, num_pos, g))
     d_keys0 = jnp.zeros_like(keys)
     if axis_name is not None:
-      d_keys0 = _varying(d_keys0, axis_name)
+      d_keys0 = parallel.varying(d_keys0, axis_name)
     d_keys, d_anchors = jax.lax.scan(per_tile, d_keys0, xs)
     return d_anchors.reshape(anchors.shape), d_keys
 
@@ -358,7 +351,7 @@ def _ring_bwd(temperature, axis_name, residuals, cotangents):
       keys, key_labels, d_keys = (_shift(x, axis_name) for x in (keys, key_labels, d_keys))
       da, dk = visit(keys, key_labels, False)
       return (d_anchors + da, keys, key_labels, d_keys + dk), None
-    carry = _varying((d_anchors, anchors, view_labels, d_keys), axis_name)
+    carry = parallel.varying((d_anchors, anchors, view_labels, d_keys), axis_name)
     (d_anchors, _, _, d_keys), _ = jax.lax.scan(body, carry, None, length=size - 1)
     d_keys = _shift(d_keys, axis_name)                   # the last hop: every block home
   return d_anchors + d_keys, None

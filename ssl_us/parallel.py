@@ -50,3 +50,13 @@ def shard_host_batch(batch, mesh):
 
 def replicate(tree, mesh):
   return jax.device_put(tree, replicated(mesh))
+
+
+def varying(tree, axis_name):
+  """``tree``'s leaves marked as varying over ``axis_name`` inside shard_map (scan carries keep
+  one type; a value differentiated as varying gets a per-device gradient, with no psum)."""
+  def cast(x):
+    if axis_name in jax.typeof(x).manual_axis_type.varying:
+      return x
+    return jax.lax.pcast(x, (axis_name,), to="varying")
+  return jax.tree.map(cast, tree)

@@ -53,16 +53,13 @@ class AWCL(SimCLR):
     return (augment.augment_batch(k_a, batch["image"], self.aug, self.axis_name),
             augment.augment_batch(k_b, batch["image_b"], self.aug, self.axis_name))
 
-  def loss(self, params, variables, batch, rng):
-    k_views, k_drop = jax.random.split(rng)
-    v_a, v_b = self.views(batch, k_views)
-    out, batch_stats = self.forward(params, variables, jnp.concatenate([v_a, v_b]), k_drop)
+  def objective(self, out, batch):
     z_a, z_b = jnp.split(out["z"], 2)
     loss, metrics = losses.awcl_and_metrics(z_a, z_b, batch["anatomy"],
                                             temperature=self.temperature,
                                             axis_name=self.axis_name, **self.loss_kw)
     metrics["labeled_fraction"] = _labeled_fraction(batch["anatomy"], self.axis_name)
-    return loss, ({"batch_stats": batch_stats}, metrics)
+    return loss, metrics
 
 
 def _labeled_fraction(labels, axis_name):

@@ -98,9 +98,9 @@ class ClipViews:
 class SimCLRVideo(ClipViews, SimCLR):
   """SimCLR (NT-Xent over the global batch) on spatio-temporally augmented clips."""
 
-  def loss(self, params, variables, batch, rng):
-    loss, (new_vars, metrics) = super().loss(params, variables, batch, rng)
-    return loss, (new_vars, {**metrics, **self.clip_metrics(batch)})
+  def objective(self, out, batch):
+    loss, metrics = super().objective(out, batch)
+    return loss, {**metrics, **self.clip_metrics(batch)}
 
 
 class OnlineNetwork(nn.Module):
@@ -153,21 +153,26 @@ class BYOL(ClipViews, SimCLR):
                                          mutable=["batch_stats"], rngs={"dropout": rng})
     return jax.lax.stop_gradient(out["z"]), state["batch_stats"]
 
-  def loss(self, params, variables, batch, rng):
-    k_views, k_online, k_target = jax.random.split(rng, 3)
-    v_a, v_b = self.views(batch, k_views)
-    x = jnp.concatenate([v_a, v_b])
+  # The loss is a mean over examples (no negatives): microbatches accumulate gradients.
+  batch_coupled = False
+
+  def embed(self, params, variables, x, rng):
+    """Online outputs {'h', 'z', 'p'} plus the target's 'z_t' (stop-gradiented)."""
+    k_online, k_target = jax.random.split(rng)
     out, batch_stats = self.forward(params, variables, x, k_online)
     z_t, target_stats = self.target_forward(variables, x, k_target)
-    p_a, p_b = jnp.split(out["p"], 2)
-    zt_a, zt_b = jnp.split(z_t, 2)
-    loss = losses.byol(p_a, p_b, zt_a, zt_b, axis_name=self.axis_name)
     new_vars = {"batch_stats": batch_stats,
                 "target": {"params": variables["target"]["params"],
                            "batch_stats": target_stats}}
+    return {**out, "z_t": z_t}, new_vars
+
+  def objective(self, out, batch):
+    p_a, p_b = jnp.split(out["p"], 2)
+    zt_a, zt_b = jnp.split(out["z_t"], 2)
+    loss = losses.byol(p_a, p_b, zt_a, zt_b, axis_name=self.axis_name)
     metrics = {"z_std": embedding_spread(jax.lax.stop_gradient(out["z"]), self.axis_name),
                **self.clip_metrics(batch)}
-    return loss, (new_vars, metrics)
+    return loss, metrics
 
   def after_update(self, variables, params, step):
     """EMA of the online encoder and head into the target, with tau of this step."""

@@ -73,14 +73,30 @@ class SimCLR:
                                   rngs={"dropout": rng})
     return out, state["batch_stats"]
 
+  # A step is views -> embed -> objective. ``loss`` runs them on the whole per-device batch;
+  # ssl_us.gradcache runs embed chunk by chunk (config.microbatches) around the same objective.
+  # batch_coupled: the objective couples the examples of the batch (negatives), so chunks need
+  # gradient caching; False (BYOL) means it is a mean over examples: plain accumulation.
+  batch_coupled = True
+
   def loss(self, params, variables, batch, rng):
-    k_views, k_drop = jax.random.split(rng)
-    v_a, v_b = self.views(batch, k_views)
-    out, batch_stats = self.forward(params, variables, jnp.concatenate([v_a, v_b]), k_drop)
+    k_views, k_embed = jax.random.split(rng)
+    x = jnp.concatenate(self.views(batch, k_views))
+    out, new_vars = self.embed(params, variables, x, k_embed)
+    loss, metrics = self.objective(out, batch)
+    return loss, (new_vars, metrics)
+
+  def embed(self, params, variables, x, rng):
+    """Outputs of the network on the views x = [v_a; v_b] and the new (non-param) variables."""
+    out, batch_stats = self.forward(params, variables, x, rng)
+    return out, {"batch_stats": batch_stats}
+
+  def objective(self, out, batch):
+    """(global loss, metrics) from the outputs of ``embed`` on [v_a; v_b] and the batch."""
+    del batch
     z_a, z_b = jnp.split(out["z"], 2)
-    loss, metrics = losses.nt_xent_and_metrics(z_a, z_b, temperature=self.temperature,
-                                               axis_name=self.axis_name, **self.loss_kw)
-    return loss, ({"batch_stats": batch_stats}, metrics)
+    return losses.nt_xent_and_metrics(z_a, z_b, temperature=self.temperature,
+                                      axis_name=self.axis_name, **self.loss_kw)
 
   def after_update(self, variables, params, step):
     del params, step

@@ -72,13 +72,9 @@ class USCL(SimCLR):
     return (augment.augment_batch(k_a, m_a, self.aug, self.axis_name),
             augment.augment_batch(k_b, m_b, self.aug, self.axis_name))
 
-  def loss(self, params, variables, batch, rng):
-    k_views, k_drop = jax.random.split(rng)
-    v_a, v_b = self.views(batch, k_views)
-    out, batch_stats = self.forward(params, variables, jnp.concatenate([v_a, v_b]), k_drop)
+  def objective(self, out, batch):
     z_a, z_b = jnp.split(out["z"], 2)
     logits_a, logits_b = jnp.split(out["logits"], 2)
-    loss, metrics = uscl.uscl_loss(z_a, z_b, logits_a, logits_b, batch["label"],
-                                   temperature=self.temperature, lambda_ce=self.lambda_ce,
-                                   axis_name=self.axis_name, **self.loss_kw)
-    return loss, ({"batch_stats": batch_stats}, metrics)
+    return uscl.uscl_loss(z_a, z_b, logits_a, logits_b, batch["label"],
+                          temperature=self.temperature, lambda_ce=self.lambda_ce,
+                          axis_name=self.axis_name, **self.loss_kw)
