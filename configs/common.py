@@ -18,6 +18,9 @@ def base_config() -> ml_collections.ConfigDict:
   # impl: 'dense' (2n x 2N logits per device), 'ring' (key blocks around the mesh axis, O(n^2)
   # memory), or 'auto' (ring once the dense float32 logits would pass dense_limit_mb).
   c.loss = ml_collections.ConfigDict(dict(temperature=0.5, impl="auto", dense_limit_mb=1024))
+  # Each device's batch goes through the network in this many chunks (ssl_us/gradcache.py):
+  # activation memory of one chunk, the same contrastive batch; BatchNorm statistics per chunk.
+  c.microbatches = 1
   c.optim = ml_collections.ConfigDict(dict(
       name="adam", base_lr=1e-3, lr_scaling="none", lr_base_batch=256, warmup_steps=0,
       end_lr_factor=0.0, weight_decay=0.0, b1=0.9, b2=0.999, momentum=0.9))

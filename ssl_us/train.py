@@ -32,12 +32,11 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
 from ssl_us import checkpoint as ckpt_lib
-from ssl_us import input_pipeline, parallel
+from ssl_us import gradcache, input_pipeline, parallel
 from ssl_us.methods import make_method
 
 # ----------------------------------------------------------------------------------------------
@@ -71,6 +70,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
                      f"(got {config.num_steps} and {config.get('num_epochs')})")
   if not config.data.dir:
     raise ValueError("config.data.dir is empty: pass --config.data.dir=<data_prep dataset dir>")
+  mb = config.get("microbatches", 1)
+  if not isinstance(mb, int) or mb < 1:
+    raise ValueError(f"config.microbatches must be an int >= 1, got {mb!r}")
+  if (b // num_devices) % mb:
+    raise ValueError(f"config.microbatches={mb} does not divide the per-device batch "
+                     f"{b // num_devices} (config.batch_size={b} over {num_devices} devices)")
   m = config.get("max_nonfinite_steps", 1)
   if not isinstance(m, int) or m < 1:
     raise ValueError(f"config.max_nonfinite_steps must be an int >= 1, got {m!r}")
@@ -160,8 +165,12 @@ def all_finite(tree) -> jax.Array:
 # Step.
 
 
-def train_step(state: TrainState, batch, *, method, tx, schedule, guard: bool = True):
+def train_step(state: TrainState, batch, *, method, tx, schedule, guard: bool = True,
+               microbatches: int = 1):
   """One optimizer step, per device (inside shard_map over the method's axis_name).
+
+  ``microbatches`` > 1: the per-device batch goes through the network in that many chunks
+  (gradient caching or accumulation, ssl_us/gradcache.py).
 
   ``guard``: a step whose loss or any gradient is NaN or Inf changes nothing but the step
   counter (the data moves on) and ``nonfinite``: no parameter update, no optimizer moment,
@@ -171,7 +180,7 @@ def train_step(state: TrainState, batch, *, method, tx, schedule, guard: bool = 
   # example indices (augment.example_keys) and fold the device index in where they need
   # per-device randomness (dropout), so results do not depend on the device count.
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  (loss, (new_vars, metrics)), grads = jax.value_and_grad(method.loss, has_aux=True)(
+  (loss, (new_vars, metrics)), grads = gradcache.value_and_grad(method, microbatches)(
       state.params, state.variables, batch, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -190,9 +199,14 @@ def train_step(state: TrainState, batch, *, method, tx, schedule, guard: bool = 
   return new_state, metrics
 
 
-def make_train_step(method, tx, schedule, mesh, guard: bool = True):
-  """The jitted, shard_mapped step; the state is donated."""
-  step = functools.partial(train_step, method=method, tx=tx, schedule=schedule, guard=guard)
+def make_train_step(method, tx, schedule, mesh, guard: bool = True,
+                    microbatches: int | None = None):
+  """The jitted, shard_mapped step; the state is donated. ``microbatches``: by default
+  ``config.microbatches`` of the method's config."""
+  if microbatches is None:
+    microbatches = method.config.get("microbatches", 1)
+  step = functools.partial(train_step, method=method, tx=tx, schedule=schedule, guard=guard,
+                           microbatches=microbatches)
   mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(parallel.DATA)),
                          out_specs=(P(), P()))
   return jax.jit(mapped, donate_argnums=0)

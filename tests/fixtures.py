@@ -139,6 +139,44 @@ def _delta(new, old):
                       new, old)
 
 
+def loss_step(method, mesh, microbatches: int = 1, full: bool = True):
+  """jit(shard_map) of (state, batch) -> (loss, gradient, new variables) as the train step
+  computes them (ssl_us.gradcache with ``microbatches``); new variables are {} unless ``full``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from ssl_us import gradcache, parallel  # pylint: disable=g-import-not-at-top
+
+  def f(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    (loss, (new_vars, _)), grads = gradcache.value_and_grad(method, microbatches)(
+        state.params, state.variables, batch, rng)
+    return (loss, grads, new_vars) if full else (loss, grads, {})
+  return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P(parallel.DATA)),
+                               out_specs=(P(), P(), P())))
+
+
+def loss_step_errors(config, batch, cases, reference=(1, 1)) -> dict:
+  """{(devices, microbatches): {'loss', 'grads', 'new_vars': normwise relative error}} of the
+  loss step of every case against ``reference``, all from one fresh state on one host batch."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from ssl_us import parallel, train  # pylint: disable=g-import-not-at-top
+  from ssl_us.methods import make_method  # pylint: disable=g-import-not-at-top
+  state = jax.device_get(train.create_state(make_method(config), optax.sgd(0.1),
+                                            jax.random.key(0), batch))
+  out = {}
+  for d, m in {reference, *cases}:
+    mesh = parallel.make_mesh(d)
+    loss, grads, new_vars = jax.device_get(loss_step(make_method(config, parallel.DATA), mesh, m)(
+        parallel.replicate(state, mesh), parallel.shard_host_batch(batch, mesh)))
+    out[(d, m)] = dict(loss=loss, grads=grads, new_vars=_delta(new_vars, {
+        k: state.variables[k] for k in new_vars}))
+  want = out[reference]
+  return {case: {"loss": abs(float(out[case]["loss"]) - float(want["loss"])) / abs(float(
+      want["loss"])), **{k: max(normwise_errors(out[case][k], want[k]).values(), default=0.0)
+                         for k in ("grads", "new_vars")}} for case in cases}
+
+
 def sharded_step_errors(config, steps: int = 2, devices: int = 8,
                         full: bool = True) -> list[dict]:
   """Per step, from one shared state: the normwise relative differences between ``devices``
@@ -149,7 +187,6 @@ def sharded_step_errors(config, steps: int = 2, devices: int = 8,
   ``full=False`` measures a method whose statistics wrongly differ between devices, which
   shard_map would refuse to return as replicated."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from ssl_us import parallel, train  # pylint: disable=g-import-not-at-top
   meshes = {n: parallel.make_mesh(n) for n in (devices, 1)}
   setups = {n: train.build(config, m) for n, m in meshes.items()}
@@ -157,18 +194,8 @@ def sharded_step_errors(config, steps: int = 2, devices: int = 8,
   batches = [next(it) for _ in range(steps)]
   state = jax.device_get(train.init_state(setups[1], config, batches[0]))
 
-  def grad_fn(n):
-    method = setups[n].method
-
-    def f(state, batch):
-      rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-      (loss, (new_vars, _)), grads = jax.value_and_grad(method.loss, has_aux=True)(
-          state.params, state.variables, batch, rng)
-      return (loss, grads, new_vars) if full else (loss, grads, {})
-    return jax.jit(jax.shard_map(f, mesh=meshes[n], in_specs=(P(), P(parallel.DATA)),
-                                 out_specs=(P(), P(), P())))
-
-  fns = {n: (grad_fn(n), train.make_train_step(s.method, s.tx, s.schedule, meshes[n]))
+  fns = {n: (loss_step(s.method, meshes[n], full=full),
+              train.make_train_step(s.method, s.tx, s.schedule, meshes[n]))
          for n, s in setups.items()}
   errors = []
   for batch in batches:
