@@ -17,7 +17,7 @@ transposed to a batch-as-feature layout first), and the gradient of ``reduce_win
                               y[n,i,j,:] = P(x)[n,i,j,:] @ W.reshape(kh kw C_in, C_out),
       P(x)[n,i,j] = concat_{a<kh, b<kw} x_pad[n, s_h i + a, s_w j + b, :] (im2col),
   whose JAX gradients are matmuls and strided pads (dW = P^T dy, dx = col2im(dy W^T));
-    outputs of at least 8x8 with at least 32 patch features: lax's convolution and input
+    other outputs with at least 32 patch features: lax's convolution and input
       gradient, and the weight gradient dW = sum over chunks of images of P(x_c)^T dy_c
       (``weight_grad``: each chunk's patches stay in cache);
   and every other case is ``lax.conv_general_dilated`` itself.
@@ -41,10 +41,12 @@ from jax import lax
 IMPLS = ("fast", "xla")
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
-# Outputs of at least this many pixels (8x8) with at least this many patch features get the
-# chunked im2col weight gradient; below, its matmuls get too small (few rows per chunk, or a
-# 3x3 kernel on one input channel: 9 features) and XLA's own weight gradient is as fast.
-_MIN_CHUNKED_HW = 64
+# Convolutions with at least this many patch features get the chunked im2col weight gradient;
+# below (a 3x3 kernel on one input channel: 9 features) its matmuls get too small and XLA's own
+# weight gradient is as fast. Small outputs (4x4 at ResNet-18's third stage on 64x64) get it
+# too: outside loops XLA's weight gradient is about as fast there, but inside a loop body
+# (lax.scan: gradient caching's backward, ssl_us/gradcache.py) XLA's CPU backend leaves it a
+# generic convolution, about 300 ms per layer at 64 images (benchmarks/RESULTS.md, issue 24).
 _MIN_CHUNKED_K = 32
 # Images per chunk: as many as keep one chunk's patches under this size (cache-resident).
 _CHUNK_BYTES = 3 * 2**19
@@ -94,9 +96,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   Same arguments and result (up to float summation order). The fast forms apply to 2D
   NHWC/HWIO convolutions without dilation or groups: a 1x1 kernel without padding is a strided
   slice and a matmul; an output smaller than the kernel in height or width is im2col
-  (``patches``) and one matmul; an output of at least _MIN_CHUNKED_HW pixels with at least
-  _MIN_CHUNKED_K patch features is lax's convolution with ``weight_grad`` as its kernel
-  gradient. Everything else is lax's convolution.
+  (``patches``) and one matmul; any other with at least _MIN_CHUNKED_K patch features is lax's
+  convolution with ``weight_grad`` as its kernel gradient. Everything else is lax's convolution.
   """
   plain = functools.partial(
       lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
@@ -118,7 +119,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   if ho < kh or wo < kw:
     p = patches(lhs, (kh, kw), strides, pads)
     return _matmul(p, rhs.reshape(kh * kw * cin, cout), precision, preferred_element_type)
-  if ho * wo >= _MIN_CHUNKED_HW and kh * kw * cin >= _MIN_CHUNKED_K:
+  if kh * kw * cin >= _MIN_CHUNKED_K:
     return _conv_chunked_wgrad(*_same_varying(lhs, rhs), strides, pads, precision,
                                preferred_element_type)
   return plain()
