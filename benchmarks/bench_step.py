@@ -5,6 +5,7 @@
   python -m benchmarks.bench_step --model convnet4 --size 64 --pairs 128 --dtype bfloat16
   python -m benchmarks.bench_step --model resnet18 --size 64 --pairs 64 --profile /tmp/prof
   python -m benchmarks.bench_step --model resnet18 --size 64 --pairs 64 --guard_cost
+  python -m benchmarks.bench_step --model resnet18 --size 64 --pairs 2048 --microbatches 32 --memory
 
 JAX: the whole jitted step of ``ssl_us.train.make_train_step`` on a 1-device mesh (shard_map,
 on-device augmentation of both views, forward of the 2N views, NT-Xent, backward, Adam,
@@ -17,6 +18,10 @@ The machine is shared, so the two are timed back to back, in rounds: ``steps`` J
 ``steps`` PyTorch steps, ``rounds`` times; figures are medians over all timed steps, and the
 ratio is the median of the per-round ratios (JAX views/s over PyTorch views/s). The load average
 is recorded before and after.
+
+``--memory``: the JAX step alone with ``config.microbatches`` (gradient caching,
+ssl_us/gradcache.py): XLA's compiled temporary memory of the step and, unless
+``--compile_only``, the time of ``steps`` steps and the process's peak resident memory.
 
 Models: 'resnet18' (ssl_us.models.ResNet18, 7x7/2 stem + max-pool, 512-128 head, Adam 1e-3) and
 'convnet4' (paper 000: configs/simclr_muscle.py, 512-512 head, Adam 1e-5 with L2 1e-5). One
@@ -45,7 +50,7 @@ from ssl_us.methods import make_method
 
 
 def make_config(model: str, size: int, pairs: int, dtype: str = "float32",
-                conv_impl: str = "fast", dropout: float | None = None):
+                conv_impl: str = "fast", dropout: float | None = None, microbatches: int = 1):
   """The pretraining config of one benchmark case (``data.dir`` unused: batches are synthetic)."""
   if model == "convnet4":
     c = simclr_muscle.get_config()
@@ -63,6 +68,7 @@ def make_config(model: str, size: int, pairs: int, dtype: str = "float32",
   c.batch_size = pairs
   c.num_epochs = 0
   c.num_steps = 10_000
+  c.microbatches = microbatches
   return c
 
 
@@ -234,18 +240,42 @@ def guard_cost(model: str, size: int, pairs: int, *, steps=3, rounds=5) -> dict:
           "round_ratios": [round(x, 4) for x in ratios], "load": round(os.getloadavg()[0], 1)}
 
 
+def memory_case(model: str, size: int, pairs: int, microbatches: int, *, steps: int = 2,
+                compile_only: bool = False) -> dict:
+  """XLA's temporary memory of the compiled step; unless ``compile_only``, the compile + first
+  step time, the median of ``steps`` more, and the peak RSS of the process (ru_maxrss)."""
+  import resource  # pylint: disable=g-import-not-at-top
+  config = make_config(model, size, pairs, microbatches=microbatches)
+  jstep = JaxStep(config)
+  b = parallel.shard_host_batch(jstep.batch, jstep.mesh)
+  mem = jstep.step_fn.lower(jstep.state, b).compile().memory_analysis()
+  out = {"model": model, "size": size, "pairs": pairs, "microbatches": microbatches,
+         "chunk_views": 2 * pairs // microbatches,
+         "xla_temp_mb": round(mem.temp_size_in_bytes / 2**20),
+         "xla_args_mb": round(mem.argument_size_in_bytes / 2**20)}
+  if not compile_only:
+    out["compile_and_first_s"] = round(_time(jstep)[0], 1)
+    times = [_time(jstep)[0] for _ in range(steps)]
+    out["step_s"] = round(float(np.median(times)), 2)
+    out["views_s"] = round(2 * pairs / out["step_s"], 1)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+  out["load"] = round(os.getloadavg()[0], 1)
+  return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Profile: per-HLO-op time of a few jitted steps from a jax.profiler trace.
 
 
 def profile(model: str, size: int, pairs: int, logdir: str, *, dtype="float32",
-            conv_impl="fast", steps=2, top=25) -> list[dict]:
+            conv_impl="fast", steps=2, top=25, microbatches=1) -> list[dict]:
   """Traces ``steps`` steps and sums the CPU time of each XLA op (event) over the trace.
 
   Returns the ``top`` ops: name, ms per step, share, and the op's HLO line (shapes, window).
   """
   from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
-  jstep = JaxStep(make_config(model, size, pairs, dtype, conv_impl))
+  jstep = JaxStep(make_config(model, size, pairs, dtype, conv_impl,
+                              microbatches=microbatches))
   jstep()
   hlo = jstep.hlo_text()
   jax.profiler.start_trace(logdir)
@@ -291,14 +321,23 @@ def main(argv=None) -> int:
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--no_torch", action="store_true")
   p.add_argument("--profile", help="trace a few JAX steps into this folder; print the top ops")
+  p.add_argument("--microbatches", type=int, default=1)
+  p.add_argument("--memory", action="store_true",
+                 help="JAX only: compiled temporary memory, step time and peak RSS")
+  p.add_argument("--compile_only", action="store_true", help="with --memory: do not run")
   p.add_argument("--guard_cost", action="store_true",
                  help="time the step with and without the non-finite guard (JAX only)")
   a = p.parse_args(argv)
+  if a.memory:
+    print(json.dumps(memory_case(a.model, a.size, a.pairs, a.microbatches, steps=a.steps,
+                                 compile_only=a.compile_only)))
+    return 0
   if a.guard_cost:
     print(json.dumps(guard_cost(a.model, a.size, a.pairs, steps=a.steps, rounds=a.rounds)))
     return 0
   if a.profile:
-    rows = profile(a.model, a.size, a.pairs, a.profile, dtype=a.dtype, conv_impl=a.conv_impl)
+    rows = profile(a.model, a.size, a.pairs, a.profile, dtype=a.dtype, conv_impl=a.conv_impl,
+                   microbatches=a.microbatches)
     for r in rows:
       print(f"{r['ms_per_step']:9.1f} ms {100 * r['share']:5.1f}%  {r['op']:28s} {r['hlo']}")
     return 0
