@@ -316,7 +316,7 @@ def main(argv=None) -> int:
   p.add_argument("--size", type=int, default=64)
   p.add_argument("--pairs", type=int, default=64)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--conv_impl", default="fast", choices=["fast", "xla"])
+  p.add_argument("--conv_impl", default="fast", choices=["auto", "fast", "xla"])
   p.add_argument("--steps", type=int, default=3, help="timed steps per round and framework")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--no_torch", action="store_true")

@@ -13,6 +13,7 @@ import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from ssl_us import ops
@@ -22,6 +23,20 @@ ModuleDef = Any
 
 def _k(size: int, dims: int):
   return (size,) * dims
+
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def compute_dtype(name: str, backend: str | None = None):
+  """The compute dtype of ``config.model.dtype``: 'auto' is bfloat16 on accelerators (GPU, TPU)
+  and float32 on CPU (``backend``: jax.default_backend() unless given). Parameters, BatchNorm
+  statistics and the encoders' and heads' outputs stay float32 whatever it is."""
+  if name not in DTYPES:
+    raise ValueError(f"config.model.dtype={name!r}; use one of {DTYPES}")
+  if name == "auto":
+    name = "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
 def batch_norm(train: bool, axis_name: str | None, dtype, momentum=0.9, epsilon=1e-5):
@@ -94,13 +109,14 @@ class ResNet(nn.Module):
   # A 7x7/2 stem plus 3x3/2 max-pool (ImageNet); small inputs may prefer a 3x3/1 stem, no pool.
   small_stem: bool = False
   # Same mathematics and parameters either way: "fast" computes convolutions and max-pooling
-  # with ssl_us.ops (fast on XLA's CPU backend), "xla" with flax's nn.Conv / nn.max_pool alone.
-  conv_impl: str = "fast"
+  # with ssl_us.ops (fast on XLA's CPU backend), "xla" with flax's nn.Conv / nn.max_pool alone
+  # (XLA's own kernels: cuDNN, TPU); "auto": "fast" on CPU, "xla" elsewhere (ops.resolve_impl).
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     d = self.spatial_dims
-    conv = functools.partial(ops.select_conv(self.conv, self.conv_impl), use_bias=False,
+    conv = functools.partial(ops.select_conv(self.conv, self.conv_impl, d), use_bias=False,
                              dtype=self.dtype)
     max_pool = ops.select_max_pool(self.conv_impl)
     norm = batch_norm(train, self.axis_name, self.dtype)
@@ -138,7 +154,7 @@ class ConvNet4(nn.Module):
   conv: ModuleDef = nn.Conv
   axis_name: str | None = None
   pool: str = "flatten"  # or "avg"
-  conv_impl: str = "fast"  # as ResNet.conv_impl
+  conv_impl: str = "auto"  # as ResNet.conv_impl
 
   @nn.compact
   def __call__(self, x, train: bool = True):

@@ -23,9 +23,10 @@ float32, pooled over time, height and width.
   convolution to M channels, BatchNorm, ReLU, then a kx1x1 temporal one; M matches the
   parameter count of the full 3D kernel, M = floor(t k^2 c_in c_out / (k^2 c_in + t c_out)).
 
-``conv_impl='fast'`` (default) computes every 3D convolution as one 2D convolution with time
-folded into channels (``conv3d_general_dilated``; XLA's CPU backend runs 3D convolutions 4-12x
-slower); 'xla' uses lax's 3D convolution. Parameters and results are the same.
+``conv_impl`` (ops.select_conv): 'fast' computes every 3D convolution as one 2D convolution with
+time folded into channels (``ops.conv3d_general_dilated``; XLA's CPU backend runs 3D
+convolutions 4-12x slower); 'xla' uses lax's native 3D convolution (cuDNN, TPU); 'auto'
+(default) is 'fast' on CPU and 'xla' elsewhere. Parameters and results are the same.
 
 Registered with ``models.make_encoder`` as 'darknet53_3d', 'r3d18' and 'r2plus1d18'.
 """
@@ -36,66 +37,10 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jax import lax
 
-from ssl_us import models
+from ssl_us import models, ops
 
 ModuleDef = Any
-
-
-CONV_IMPLS = ("fast", "xla")
-_NDHWC = ("NDHWC", "DHWIO", "NDHWC")
-
-
-def conv3d_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                           rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                           batch_group_count=1, precision=None, preferred_element_type=None):
-  """``lax.conv_general_dilated`` for NDHWC/DHWIO 3D convolutions, as one 2D convolution.
-
-  XLA's CPU backend runs 3D convolutions far slower than 2D ones (4-12x measured here, forward
-  and gradients). Time is folded into channels instead (temporal im2col):
-    X[n t', h, w, a C + c] = x_pad[n, s_t t' + a, h, w, c]      (a < k_t)
-    y[n, t', :, :, :] = conv2d(X[n t'], W'),  W'[i, j, a C + c, o] = W[a, i, j, c, o]
-  with x_pad the input zero-padded in time, and the height/width padding and strides passed to
-  the 2D convolution: the same sums, so the same result up to float summation order, and the
-  gradients are 2D convolutions too. Other layouts, dilation or groups use lax's convolution.
-  """
-  plain = functools.partial(
-      lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-      precision=precision, preferred_element_type=preferred_element_type)
-  undilated = all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
-  if (lhs.ndim != 5 or not undilated or feature_group_count != 1 or batch_group_count != 1
-      or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-      != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NDHWC)):
-    return plain()
-  kt, kh, kw, cin, cout = rhs.shape
-  st, sh, sw = window_strides
-  if isinstance(padding, str):
-    pads = lax.padtype_to_pads(lhs.shape[1:4], (kt, kh, kw), (st, sh, sw), padding)
-  else:
-    pads = padding
-  n, t = lhs.shape[:2]
-  x = jnp.pad(lhs, ((0, 0), tuple(pads[0]), (0, 0), (0, 0), (0, 0)))
-  t_out = (x.shape[1] - kt) // st + 1
-  x = jnp.concatenate([x[:, a:a + st * (t_out - 1) + 1:st] for a in range(kt)], axis=-1)
-  x = x.reshape((n * t_out,) + x.shape[2:])
-  w = jnp.transpose(rhs, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * cin, cout)
-  y = lax.conv_general_dilated(x, w, (sh, sw), (tuple(pads[1]), tuple(pads[2])),
-                               dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision,
-                               preferred_element_type=preferred_element_type)
-  return y.reshape((n, t_out) + y.shape[1:])
-
-
-def select_conv(impl: str):
-  """nn.Conv computing with ``conv3d_general_dilated`` ('fast') or with lax's own ('xla');
-  flax's parameters, names and initialisation either way."""
-  if impl not in CONV_IMPLS:
-    raise ValueError(f"conv_impl={impl!r}; use one of {CONV_IMPLS}")
-  if impl == "xla":
-    return nn.Conv
-  return functools.partial(nn.Conv, conv_general_dilated=conv3d_general_dilated)
 
 
 def _triple(v) -> tuple[int, int, int]:
@@ -170,13 +115,14 @@ class Darknet53_3D(nn.Module):
   dtype: Any = jnp.float32
   act: Callable = leaky_relu
   axis_name: str | None = None
-  conv_impl: str = "fast"   # see select_conv: same parameters and mathematics either way
+  conv_impl: str = "auto"   # ops.select_conv: same parameters and mathematics either way
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     _check_clip(x, "Darknet53_3D")
     _check_strides(self.temporal_strides, len(self.stage_sizes), "Darknet53_3D")
-    conv = functools.partial(select_conv(self.conv_impl), use_bias=False, dtype=self.dtype)
+    conv = functools.partial(ops.select_conv(nn.Conv, self.conv_impl, spatial_dims=3),
+                             use_bias=False, dtype=self.dtype)
     norm = models.batch_norm(train, self.axis_name, self.dtype)
     x = x.astype(self.dtype)
     x = self.act(norm(name="bn_init")(conv(self.num_filters, (3, 3, 3), name="conv_init")(x)))
@@ -200,14 +146,14 @@ class ResNet3D(nn.Module):
   dtype: Any = jnp.float32
   act: Callable = nn.relu
   axis_name: str | None = None
-  conv_impl: str = "fast"   # see select_conv
+  conv_impl: str = "auto"   # ops.select_conv
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     _check_clip(x, "ResNet3D")
     _check_strides(self.temporal_strides, len(self.stage_sizes), "ResNet3D")
     norm = models.batch_norm(train, self.axis_name, self.dtype)
-    base = select_conv(self.conv_impl)
+    base = ops.select_conv(nn.Conv, self.conv_impl, spatial_dims=3)
     if self.factorized:
       conv = functools.partial(Conv2Plus1D, norm=norm, act=self.act, use_bias=False,
                                dtype=self.dtype, conv=base)

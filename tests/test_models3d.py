@@ -1,10 +1,11 @@
 """3D encoders: structure from the papers, shapes, dtype and BatchNorm conventions."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_us import models, models3d
+from ssl_us import models, models3d, ops
 
 CLIP = (2, 8, 32, 32, 1)
 
@@ -177,8 +178,8 @@ def test_fast_3d_conv_equals_lax_in_value_and_gradient(shape, kernel, strides, p
   w = jnp.asarray(rng.normal(size=kernel + (shape[-1], 5)), jnp.float32)
   dn = ("NDHWC", "DHWIO", "NDHWC")
   ref = lambda x, w: jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)
-  fast = lambda x, w: models3d.conv3d_general_dilated(x, w, strides, padding,
-                                                      dimension_numbers=dn)
+  fast = lambda x, w: ops.conv3d_general_dilated(x, w, strides, padding,
+                                                 dimension_numbers=dn)
   y_ref, y = jax.jit(ref)(x, w), jax.jit(fast)(x, w)
   assert y.shape == y_ref.shape
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-4)
@@ -191,7 +192,8 @@ def test_fast_3d_conv_equals_lax_in_value_and_gradient(shape, kernel, strides, p
 
 
 def test_conv_impls_share_parameters_and_outputs():
-  fast = models3d.R2Plus1D18(num_filters=2, stage_sizes=(1, 1), temporal_strides=(1, 2))
+  fast = models3d.R2Plus1D18(num_filters=2, stage_sizes=(1, 1), temporal_strides=(1, 2),
+                             conv_impl="fast")
   xla = models3d.R2Plus1D18(num_filters=2, stage_sizes=(1, 1), temporal_strides=(1, 2),
                             conv_impl="xla")
   variables, x = _init(fast, (2, 4, 16, 16, 1))
@@ -200,4 +202,4 @@ def test_conv_impls_share_parameters_and_outputs():
   run = lambda m: jax.jit(lambda v, x: m.apply(v, x, train=False))(variables, x)
   np.testing.assert_allclose(run(fast), run(xla), rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="conv_impl='cuda'; use one of"):
-    models3d.select_conv("cuda")
+    ops.select_conv(nn.Conv, "cuda", spatial_dims=3)

@@ -151,6 +151,30 @@ def test_select_rejects_unknown_impl():
     models.ResNet18(conv_impl="fastest").init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
 
 
+@pytest.mark.parametrize("backend,expected", [("cpu", "fast"), ("gpu", "xla"), ("cuda", "xla"),
+                                              ("tpu", "xla")])
+def test_auto_resolves_per_backend(backend, expected):
+  assert ops.resolve_impl("auto", backend) == expected
+  assert ops.resolve_impl("fast", backend) == "fast"
+  assert ops.resolve_impl("xla", backend) == "xla"
+
+
+def test_auto_is_the_default_and_logs_its_choice_once(caplog, monkeypatch):
+  """This machine is CPU: the encoders' default 'auto' builds ops.py's kernels, and says so
+  once per backend."""
+  assert jax.default_backend() == "cpu"
+  monkeypatch.setattr(ops, "_LOGGED", set())
+  with caplog.at_level("INFO", logger="ssl_us.ops"):
+    assert ops.select_conv(nn.Conv, "auto").keywords["conv_general_dilated"] is (
+        ops.conv_general_dilated)
+    assert ops.select_conv(nn.Conv, "auto", spatial_dims=3).keywords[
+        "conv_general_dilated"] is ops.conv3d_general_dilated
+    assert ops.select_max_pool("auto") is ops.max_pool
+  assert [r.getMessage() for r in caplog.records] == [
+      "conv_impl='auto' on the cpu backend: ssl_us.ops kernels"]
+  assert models.ResNet18().conv_impl == models.ConvNet4().conv_impl == "auto"
+
+
 def _encoder_value_and_grads(encoder, variables, x):
   def f(params, x):
     h, _ = encoder.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,

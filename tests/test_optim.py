@@ -180,3 +180,22 @@ def test_bfloat16_step_is_finite_and_close_to_float32(dataset):
   error = np.linalg.norm(u16 - u32)
   assert error < 0.5 * np.linalg.norm(u32), error / np.linalg.norm(u32)
   assert error < 0.5 * np.linalg.norm(u32_other - u32), error / np.linalg.norm(u32_other - u32)
+
+
+@pytest.mark.parametrize("backend,expected", [("cpu", jnp.float32), ("gpu", jnp.bfloat16),
+                                              ("cuda", jnp.bfloat16), ("tpu", jnp.bfloat16)])
+def test_auto_compute_dtype_is_bfloat16_on_accelerators(backend, expected):
+  assert models.compute_dtype("auto", backend) == expected
+  assert models.compute_dtype("float32", backend) == jnp.float32
+  assert models.compute_dtype("bfloat16", backend) == jnp.bfloat16
+
+
+def test_model_dtype_default_and_error(dataset):
+  from ssl_us.methods import make_method  # pylint: disable=g-import-not-at-top
+  assert common.base_config().model.dtype == "auto"
+  c = test_train.sgd_config(dataset)
+  c.model.dtype = "auto"
+  assert make_method(c).model.encoder.dtype == jnp.float32     # this machine is CPU
+  c.model.dtype = "float16"
+  with pytest.raises(ValueError, match=r"config.model.dtype='float16'; use one of \('auto'"):
+    train.validate_config(c, num_devices=1, num_processes=1)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from ssl_us import augment_video, ema, losses, models
 from ssl_us import models3d  # noqa: F401  (registers the 3D encoders with make_encoder)
-from ssl_us.methods.simclr import SimCLR, build_model, dtype_of
+from ssl_us.methods.simclr import SimCLR, build_model
 from ssl_us.samplers_video import ClipSampler
 
 BYOL_KEYS = ("tau_base", "tau_schedule", "tau_steps", "predictor_hidden")
@@ -133,7 +133,7 @@ class BYOL(ClipViews, SimCLR):
     self.tau = ema.make_tau_schedule(b.tau_schedule, b.tau_base, steps)
     self.target_model = build_model(config, axis_name)      # encoder + projection head
     predictor = models.MLPHead(hidden=tuple(b.predictor_hidden), out_dim=config.model.head_out,
-                               dtype=dtype_of(config.model.dtype), axis_name=axis_name)
+                               dtype=models.compute_dtype(config.model.dtype), axis_name=axis_name)
     self.model = OnlineNetwork(encoder=self.target_model.encoder, head=self.target_model.head,
                                predictor=predictor)
 

@@ -9,16 +9,12 @@ import jax
 import jax.numpy as jnp
 
 from ssl_us import augment, losses, models
-from ssl_us.input_pipeline import FrameSampler
-
-
-def dtype_of(name: str):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+from ssl_us.samplers_frames import FrameSampler
 
 
 def build_model(config, axis_name) -> models.ContrastiveModel:
   m = config.model
-  dtype = dtype_of(m.dtype)
+  dtype = models.compute_dtype(m.dtype)
   encoder = models.make_encoder(m.encoder, dtype=dtype, axis_name=axis_name,
                                 **dict(m.encoder_kwargs))
   head = models.MLPHead(hidden=tuple(m.head_hidden), out_dim=m.head_out, dtype=dtype,
