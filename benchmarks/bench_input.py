@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from ssl_us import input_pipeline
+from ssl_us import input_pipeline, samplers_frames
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COVID_BLUES = os.path.join(ROOT, "..", "shared", "data", "covid_blues")
@@ -53,7 +53,7 @@ def build_shards(size: int, workdir: str) -> tuple[str, str]:
 
 
 def frames_per_second(index, batch: int, num_workers: int, batches: int, warmup: int) -> float:
-  ds = input_pipeline.make_dataset(index, input_pipeline.FrameSampler(), global_batch=batch,
+  ds = input_pipeline.make_dataset(index, samplers_frames.FrameSampler(), global_batch=batch,
                                    seed=0, num_workers=num_workers)
   it = iter(ds)
   for _ in range(warmup):

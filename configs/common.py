@@ -14,13 +14,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 0
   c.model = ml_collections.ConfigDict(dict(
       encoder="resnet18", encoder_kwargs=ml_collections.ConfigDict(), head_hidden=(512,),
-      head_out=128, head_bn_last=False, dtype="float32"))
+      head_out=128, head_bn_last=False, dtype="auto"))
   # impl: 'dense' (2n x 2N logits per device), 'ring' (key blocks around the mesh axis, O(n^2)
   # memory), or 'auto' (ring once the dense float32 logits would pass dense_limit_mb).
   c.loss = ml_collections.ConfigDict(dict(temperature=0.5, impl="auto", dense_limit_mb=1024))
   # Each device's batch goes through the network in this many chunks (ssl_us/gradcache.py):
   # activation memory of one chunk, the same contrastive batch; BatchNorm statistics per chunk.
   c.microbatches = 1
+  # Global batches on the devices ahead of the step (2: the next one transfers while the
+  # current step runs; 1: each batch is placed when the step takes it). Same results either way.
+  c.prefetch = 2
   c.optim = ml_collections.ConfigDict(dict(
       name="adam", base_lr=1e-3, lr_scaling="none", lr_base_batch=256, warmup_steps=0,
       end_lr_factor=0.0, weight_decay=0.0, b1=0.9, b2=0.999, momentum=0.9))

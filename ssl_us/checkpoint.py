@@ -115,6 +115,9 @@ def describe_latest(manager) -> str:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iter):
+  """Saves ``state`` and the input position: ``data_iter`` is the grain iterator, or anything
+  with its ``get_state`` (input_pipeline.DevicePrefetch: the state before the batches it holds).
+  """
   if step in _steps(manager):
     # Only a step that did not restore can be here again (restore_latest fell back below it):
     # keep it for the user, out of the manager's way.

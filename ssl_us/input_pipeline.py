@@ -18,6 +18,8 @@ Batches are dicts of numpy arrays; images stay uint8 (augmentation runs on devic
 """
 from __future__ import annotations
 
+import collections
+import copy
 import dataclasses
 import glob
 import hashlib
@@ -301,25 +303,8 @@ class Sampler(Protocol):
     """Fixed-shape uint8 host example from the parsed records."""
 
 
-@dataclasses.dataclass(frozen=True)
-class FrameSampler:
-  """SimCLR (paper 000): every frame record once per epoch, shuffled; two views made on device.
-
-  Needs frame-mode shards (one frame per record). The example holds the frame and its labels.
-  """
-  records_per_example: int = 1
-
-  def plan(self, index, rng, global_batch):
-    if index.num_records and int(index.num_frames.max()) != 1:
-      raise DatasetError(f"{index.dataset_dir}: FrameSampler needs frame-mode shards "
-                         f"(one frame per record); these hold clips of {index.num_frames.max()}")
-    return rng.permutation(index.num_records)[:, None]
-
-  def assemble(self, records, rng):
-    (r,) = records
-    return {"image": r["frames"][0], "label": np.int32(r["label"]),
-            "anatomy_coarse": np.int32(r["anatomy_coarse"][0]),
-            "anatomy_fine": np.int32(r["anatomy_fine"][0])}
+# FrameSampler (SimCLR) and the other frame samplers live in ssl_us/samplers_frames.py; clip
+# samplers in ssl_us/samplers_video.py.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,3 +393,43 @@ def steps_per_epoch(index: RecordIndex, sampler: Sampler, global_batch: int, see
   src = _PlanSource(index, sampler, seed=seed, global_batch=global_batch, process_index=0,
                     process_count=1)
   return src.rows_per_epoch // global_batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Device prefetch.
+
+
+class DevicePrefetch:
+  """Global batches placed on the devices ahead of the step that takes them.
+
+  ``put`` places one host batch (``parallel.shard_host_batch``, asynchronous): with ``size`` = 2
+  the next batch is transferred while the current step runs (double buffering); ``size`` = 1
+  places each batch when it is taken. At most ``limit`` batches are fetched in all.
+
+  ``get_state()`` is the host iterator's state before the first batch no step has taken, in
+  the form grain's orbax handler writes (JSON bytes), so a checkpoint saved between steps
+  resumes at exactly that batch however far the prefetch has read; restore into the host
+  iterator itself, before building this.
+  """
+
+  def __init__(self, iterator, put, size: int = 2, limit: int | None = None):
+    if size < 1:
+      raise ValueError(f"prefetch size must be >= 1, got {size}")
+    self._it, self._put, self._size, self._left = iterator, put, size, limit
+    self._queue: collections.deque = collections.deque()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    while len(self._queue) < self._size and self._left != 0:
+      state = copy.deepcopy(self._it.get_state())
+      self._queue.append((state, self._put(next(self._it))))
+      self._left = None if self._left is None else self._left - 1
+    if not self._queue:
+      raise StopIteration
+    return self._queue.popleft()[1]
+
+  def get_state(self) -> bytes:
+    state = self._queue[0][0] if self._queue else self._it.get_state()
+    return json.dumps(state, indent=4).encode()

@@ -1,11 +1,13 @@
 """Frame samplers that decide positives and negatives through batch composition.
 
-All three work on frame-mode shards (one frame per record) and follow the input_pipeline Sampler
+All of them work on frame-mode shards (one frame per record) and follow the input_pipeline Sampler
 protocol: ``plan`` is pure numpy over a RecordIndex (arrays ``video``, ``patient``,
 ``frame_index``, ``num_frames``, ``label``, ``anatomy_coarse``, ``anatomy_fine``, plus
 ``video_ids``), returns whole global batches, and is deterministic in its ``rng``; ``assemble``
 builds the uint8 host example in a grain worker from the parsed records.
 
+- ``FrameSampler`` (SimCLR, paper 000): every frame record once per epoch, shuffled; the two
+  views are made on device.
 - ``AnatomySampler`` (AWCL, paper 002): a share ``anatomy_ratio`` of every global batch is
   anatomy-labeled frames, drawn as pairs of the same anatomy class from two different videos so
   that cross-video positives always exist; the rest are unlabeled frames, every
@@ -26,6 +28,8 @@ import math
 import numpy as np
 from absl import logging
 
+from ssl_us.input_pipeline import DatasetError
+
 GRANULARITIES = ("coarse", "fine")
 
 
@@ -41,6 +45,27 @@ def _check_frame_mode(index, sampler: str):
   if t != 1:
     raise ValueError(f"{_where(index)}: {sampler} needs frame-mode shards (one frame per "
                      f"record); these hold clips of {t} frames")
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameSampler:
+  """SimCLR (paper 000): every frame record once per epoch, shuffled; two views made on device.
+
+  Needs frame-mode shards (one frame per record). The example holds the frame and its labels.
+  """
+  records_per_example: int = 1
+
+  def plan(self, index, rng, global_batch):
+    if index.num_records and int(index.num_frames.max()) != 1:
+      raise DatasetError(f"{index.dataset_dir}: FrameSampler needs frame-mode shards "
+                         f"(one frame per record); these hold clips of {index.num_frames.max()}")
+    return rng.permutation(index.num_records)[:, None]
+
+  def assemble(self, records, rng):
+    (r,) = records
+    return {"image": r["frames"][0], "label": np.int32(r["label"]),
+            "anatomy_coarse": np.int32(r["anatomy_coarse"][0]),
+            "anatomy_fine": np.int32(r["anatomy_fine"][0])}
 
 
 def video_runs(groups, frame_index):

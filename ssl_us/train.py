@@ -36,7 +36,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from ssl_us import checkpoint as ckpt_lib
-from ssl_us import gradcache, input_pipeline, parallel
+from ssl_us import gradcache, input_pipeline, models, parallel
 from ssl_us.methods import make_method
 
 # ----------------------------------------------------------------------------------------------
@@ -63,8 +63,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
   if config.optim.lr_scaling not in ("none", "linear", "sqrt"):
     raise ValueError(f"config.optim.lr_scaling={config.optim.lr_scaling!r}; "
                      "use none, linear or sqrt")
-  if config.model.dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"config.model.dtype={config.model.dtype!r}; use float32 or bfloat16")
+  models.compute_dtype(config.model.dtype)    # raises unless auto, float32 or bfloat16
   if config.num_steps <= 0 and config.get("num_epochs", 0) <= 0:
     raise ValueError(f"set config.num_steps > 0 or config.num_epochs > 0 "
                      f"(got {config.num_steps} and {config.get('num_epochs')})")
@@ -76,6 +75,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
   if (b // num_devices) % mb:
     raise ValueError(f"config.microbatches={mb} does not divide the per-device batch "
                      f"{b // num_devices} (config.batch_size={b} over {num_devices} devices)")
+  pf = config.get("prefetch", 2)
+  if not isinstance(pf, int) or pf < 1:
+    raise ValueError(f"config.prefetch must be an int >= 1 (1: no prefetch), got {pf!r}")
   m = config.get("max_nonfinite_steps", 1)
   if not isinstance(m, int) or m < 1:
     raise ValueError(f"config.max_nonfinite_steps must be an int >= 1, got {m!r}")
@@ -386,13 +388,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   views_per_example = 2
   progress = _Progress(start, end, config.log_every, config.batch_size * views_per_example,
                        enabled=jax.process_index() == 0 and config.get("progress_bar", True))
+  # The next global batch goes to the devices while the current step runs (config.prefetch).
+  batches = input_pipeline.DevicePrefetch(
+      data_iter, functools.partial(parallel.shard_host_batch, mesh=setup.mesh),
+      size=config.get("prefetch", 2), limit=end - start)
   pending, count = None, 0  # metric sums stay on device between logging steps
   monitored = []            # (step, device metrics) of the online monitor since the last log
   last = start
   with StopSignal() as stop:
     for step in range(start, end):
-      batch = parallel.shard_host_batch(next(data_iter), setup.mesh)
-      state, metrics = step_fn(state, batch)
+      state, metrics = step_fn(state, next(batches))
       pending, count = _accumulate(pending, metrics), count + 1
       last = step + 1
       if monitor is not None and last % monitor.every == 0:
@@ -423,7 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
         if not bool(jax.jit(all_finite)((state.params, state.opt_state, state.variables))):
           raise NonFiniteError(f"step {last}: the state holds NaN or Inf; not saved. Newest good "
                                f"checkpoint: {ckpt_lib.describe_latest(manager)}")
-        ckpt_lib.save(manager, last, state, data_iter)
+        ckpt_lib.save(manager, last, state, batches)    # the input state of step last + 1
       if stopping:
         manager.wait_until_finished()
         history["preempted"] = stop.received or "SIGTERM"

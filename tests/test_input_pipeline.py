@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from ssl_us import input_pipeline as ip
+from ssl_us.samplers_frames import FrameSampler
 from tests import fixtures
 
 
@@ -72,11 +73,11 @@ def test_epoch_covers_every_record_once(dataset):
 
 def test_iterator_state_restores_position(dataset):
   index = ip.load_index(dataset, "train")
-  it = iter(ip.make_dataset(index, ip.FrameSampler(), global_batch=4, seed=1))
+  it = iter(ip.make_dataset(index, FrameSampler(), global_batch=4, seed=1))
   next(it)
   state = it.get_state()
   expected = [next(it)["image"] for _ in range(3)]
-  fresh = iter(ip.make_dataset(index, ip.FrameSampler(), global_batch=4, seed=1))
+  fresh = iter(ip.make_dataset(index, FrameSampler(), global_batch=4, seed=1))
   fresh.set_state(state)
   for e in expected:
     np.testing.assert_array_equal(next(fresh)["image"], e)
@@ -84,8 +85,8 @@ def test_iterator_state_restores_position(dataset):
 
 def test_worker_processes_give_the_same_batches(dataset):
   index = ip.load_index(dataset, "train")
-  a = _all_batches(index, ip.FrameSampler(), 2, global_batch=4, seed=2)
-  b = _all_batches(index, ip.FrameSampler(), 2, global_batch=4, seed=2, num_workers=2)
+  a = _all_batches(index, FrameSampler(), 2, global_batch=4, seed=2)
+  b = _all_batches(index, FrameSampler(), 2, global_batch=4, seed=2, num_workers=2)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x["image"], y["image"])
     np.testing.assert_array_equal(x["label"], y["label"])
@@ -122,16 +123,16 @@ def test_frame_sampler_rejects_clip_shards(tmp_path):
   index = ip.load_index(d, "train")
   assert set(index.num_frames) == {2}
   with pytest.raises(ip.DatasetError, match="needs frame-mode shards"):
-    ip.make_dataset(index, ip.FrameSampler(), global_batch=2, seed=0)
+    ip.make_dataset(index, FrameSampler(), global_batch=2, seed=0)
 
 
 def test_too_few_records_for_a_batch_is_an_error(dataset):
   index = ip.load_index(dataset, "train")
   with pytest.raises(ip.DatasetError, match="no full global batch of 32"):
-    ip.make_dataset(index, ip.FrameSampler(), global_batch=32, seed=0)
+    ip.make_dataset(index, FrameSampler(), global_batch=32, seed=0)
 
 
-class _TaggingSampler(ip.FrameSampler):
+class _TaggingSampler(FrameSampler):
   """FrameSampler whose examples carry their record id (video * 4 + frame in the fixture)."""
 
   def plan(self, index, rng, global_batch):
@@ -199,6 +200,6 @@ def test_index_order_does_not_depend_on_shard_order(tmp_path):
   assert keys == sorted(keys)
   for i in range(ia.num_records):
     np.testing.assert_array_equal(ip.read_record(ia, i)["frames"], ip.read_record(ib, i)["frames"])
-  plan = ip.FrameSampler().plan
+  plan = FrameSampler().plan
   np.testing.assert_array_equal(plan(ia, np.random.default_rng(0), 4),
                                 plan(ib, np.random.default_rng(0), 4))
