@@ -10,7 +10,6 @@ INSTALL_REQUIRES = [
     "grain>=0.2.12,<0.3",
     "tensorflow-cpu>=2.18,<2.22",
     "tensorflow-datasets>=4.9.8,<4.10",
-    "einops>=0.8,<0.9",
     "ml-collections>=1.0,<1.2",
     "clu>=0.0.12,<0.1",
     "tensorboard>=2.18,<3",  # clu's TensorBoard writer imports it
