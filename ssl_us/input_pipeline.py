@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import glob
 import hashlib
 import io
@@ -119,9 +120,45 @@ def _scan_offsets(path: str) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
 
 
+@functools.cache
 def _example_cls():
-  from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
-  return example_pb2.Example
+  """tf.train.Example's message class, built from its schema (tensorflow/core/example/
+  example.proto and feature.proto) in a private descriptor pool: protobuf's own parser, without
+  importing tensorflow (a 600 MB wheel) into the training process."""
+  from google.protobuf import descriptor_pb2  # pylint: disable=g-import-not-at-top
+  from google.protobuf import descriptor_pool, message_factory  # pylint: disable=g-import-not-at-top
+  fdp = descriptor_pb2.FieldDescriptorProto
+  f = descriptor_pb2.FileDescriptorProto(name="ssl_us/tf_example.proto", package="tensorflow",
+                                         syntax="proto3")
+
+  def message(name, fields, parent=None):
+    m = (parent.nested_type if parent else f.message_type).add(name=name)
+    for field_name, number, kind, label, type_name in fields:
+      fd = m.field.add(name=field_name, number=number, type=kind, label=label)
+      if type_name:
+        fd.type_name = type_name
+    return m
+
+  rep, opt = fdp.LABEL_REPEATED, fdp.LABEL_OPTIONAL
+  message("BytesList", [("value", 1, fdp.TYPE_BYTES, rep, None)])
+  message("FloatList", [("value", 1, fdp.TYPE_FLOAT, rep, None)])
+  message("Int64List", [("value", 1, fdp.TYPE_INT64, rep, None)])
+  feature = message("Feature", [("bytes_list", 1, fdp.TYPE_MESSAGE, opt, ".tensorflow.BytesList"),
+                                ("float_list", 2, fdp.TYPE_MESSAGE, opt, ".tensorflow.FloatList"),
+                                ("int64_list", 3, fdp.TYPE_MESSAGE, opt, ".tensorflow.Int64List")])
+  feature.oneof_decl.add(name="kind")
+  for fd in feature.field:
+    fd.oneof_index = 0
+  features = message("Features", [("feature", 1, fdp.TYPE_MESSAGE, rep,
+                                   ".tensorflow.Features.FeatureEntry")])
+  entry = message("FeatureEntry", [("key", 1, fdp.TYPE_STRING, opt, None),
+                                   ("value", 2, fdp.TYPE_MESSAGE, opt, ".tensorflow.Feature")],
+                  parent=features)
+  entry.options.map_entry = True
+  message("Example", [("features", 1, fdp.TYPE_MESSAGE, opt, ".tensorflow.Features")])
+  pool = descriptor_pool.DescriptorPool()
+  pool.Add(f)
+  return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example"))
 
 
 def parse_example(data: bytes, *, decode: bool = True, where: str = "") -> dict[str, Any]:

@@ -203,3 +203,48 @@ def test_index_order_does_not_depend_on_shard_order(tmp_path):
   plan = FrameSampler().plan
   np.testing.assert_array_equal(plan(ia, np.random.default_rng(0), 4),
                                 plan(ib, np.random.default_rng(0), 4))
+
+
+def _features(example) -> dict:
+  """{key: (kind, list of values)} of a parsed tf.train.Example."""
+  out = {}
+  for k, f in example.features.feature.items():
+    kind = f.WhichOneof("kind")
+    out[k] = (kind, list(getattr(f, kind).value) if kind else [])
+  return out
+
+
+def test_example_parser_equals_tensorflows(dataset):
+  """Our tf.train.Example class (protobuf, built from the schema without tensorflow) parses
+  every record as tensorflow's own does: the same keys, kinds and values, float32 included."""
+  from tensorflow.core.example import example_pb2, feature_pb2  # pylint: disable=g-import-not-at-top
+  index = ip.load_index(dataset, "train")
+  for i in range(index.num_records):
+    with open(index.files[index.file_id[i]], "rb") as f:
+      f.seek(int(index.offset[i]))
+      data = f.read(int(index.length[i]))
+    ours, theirs = ip._example_cls().FromString(data), example_pb2.Example.FromString(data)
+    assert _features(ours) == _features(theirs)
+  # All three kinds, negative and 64-bit ints, and an empty feature.
+  ex = example_pb2.Example()
+  ex.features.feature["b"].bytes_list.value.extend([b"\x00\xff", b""])
+  ex.features.feature["f"].float_list.value.extend([0.1, -3e38, float("inf")])
+  ex.features.feature["i"].int64_list.value.extend([-1, 2**62, 0])
+  ex.features.feature["e"].CopyFrom(feature_pb2.Feature())
+  data = ex.SerializeToString()
+  assert _features(ip._example_cls().FromString(data)) == _features(ex)
+  assert ip._example_cls().FromString(data).SerializeToString(deterministic=True) == (
+      ex.SerializeToString(deterministic=True))
+
+
+def test_reading_records_does_not_import_tensorflow(dataset):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  script = ("import sys; from ssl_us import input_pipeline as ip, train\n"
+            "index = ip.load_index(sys.argv[1], 'train')\n"
+            "r = ip.read_record(index, 0); assert r['frames'].dtype.name == 'uint8'\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", script, dataset], cwd=root, capture_output=True,
+                       text=True, timeout=300, check=True)
+  assert out.stdout.strip() == "[]", out.stdout
