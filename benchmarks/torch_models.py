@@ -99,6 +99,87 @@ class ResNet18(nn.Module):
     return self.blocks(x).mean(dim=(2, 3))
 
 
+class Bottleneck(nn.Module):
+  """models.BottleneckResNetBlock: 1x1-BN-ReLU-3x3(s)-BN-ReLU-1x1(4f)-BN(scale 0)
+  + [1x1(s)-BN] -> ReLU."""
+
+  def __init__(self, cin: int, filters: int, stride: int):
+    super().__init__()
+    cout = 4 * filters
+    self.conv1, self.bn1 = SameConv2d(cin, filters, 1), _bn(filters)
+    self.conv2, self.bn2 = SameConv2d(filters, filters, 3, stride), _bn(filters)
+    self.conv3, self.bn3 = SameConv2d(filters, cout, 1), _bn(cout, zero_scale=True)
+    self.proj = None
+    if stride != 1 or cin != cout:
+      self.proj, self.bn_proj = SameConv2d(cin, cout, 1, stride), _bn(cout)
+
+  def forward(self, x):
+    y = F.relu(self.bn1(self.conv1(x)))
+    y = F.relu(self.bn2(self.conv2(y)))
+    y = self.bn3(self.conv3(y))
+    r = x if self.proj is None else self.bn_proj(self.proj(x))
+    return F.relu(r + y)
+
+
+class ResNet50(nn.Module):
+  """models.ResNet50: the ResNet18 stem, bottleneck stages of (3, 4, 6, 3); 2048-d output."""
+
+  def __init__(self, in_channels: int = 1, width: int = 64):
+    super().__init__()
+    self.stem = SameConv2d(in_channels, width, 7, 2, padding=3)
+    self.bn_stem = _bn(width)
+    blocks, cin = [], width
+    for i, n in enumerate((3, 4, 6, 3)):
+      for j in range(n):
+        blocks.append(Bottleneck(cin, width * 2**i, 2 if i > 0 and j == 0 else 1))
+        cin = 4 * width * 2**i
+    self.blocks = nn.Sequential(*blocks)
+    self.out_dim = cin
+
+  def forward(self, x):
+    x = F.relu(self.bn_stem(self.stem(x)))
+    x = F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=-float("inf")), 3, 2)
+    return self.blocks(x).mean(dim=(2, 3))
+
+
+def _conv3d_bn(cin: int, cout: int, k: int, stride=1) -> nn.Sequential:
+  """Conv3d (no bias, padding k // 2: the FLOPs of Flax's SAME) - BN - LeakyReLU(0.1)."""
+  return nn.Sequential(nn.Conv3d(cin, cout, k, stride, padding=k // 2, bias=False),
+                       nn.BatchNorm3d(cout, eps=1e-5, momentum=0.1), nn.LeakyReLU(0.1))
+
+
+class DarknetBlock3D(nn.Module):
+  """models3d.DarknetBlock3D: x + [1x1x1 (c/2) - 3x3x3 (c)], each conv-BN-LeakyReLU."""
+
+  def __init__(self, c: int):
+    super().__init__()
+    self.body = nn.Sequential(_conv3d_bn(c, max(c // 2, 1), 1), _conv3d_bn(max(c // 2, 1), c, 3))
+
+  def forward(self, x):
+    return x + self.body(x)
+
+
+class Darknet53_3D(nn.Module):
+  """models3d.Darknet53_3D on (N, C, T, H, W): stem, five stages each opened by a 3x3x3
+  convolution of stride (t_s, 2, 2), blocks (1, 2, 8, 8, 4); a timing mirror (same layers and
+  FLOPs; symmetric padding where Flax's SAME pads a strided window at the end)."""
+
+  def __init__(self, in_channels: int = 1, width: int = 32,
+               stage_sizes=(1, 2, 8, 8, 4), temporal_strides=(1, 1, 2, 2, 2)):
+    super().__init__()
+    layers, c = [_conv3d_bn(in_channels, width, 3)], width
+    for i, (n, ts) in enumerate(zip(stage_sizes, temporal_strides)):
+      f = width * 2 ** (i + 1)
+      layers.append(_conv3d_bn(c, f, 3, (ts, 2, 2)))
+      layers += [DarknetBlock3D(f) for _ in range(n)]
+      c = f
+    self.body = nn.Sequential(*layers)
+    self.out_dim = c
+
+  def forward(self, x):
+    return self.body(x).mean(dim=(2, 3, 4))
+
+
 class ConvNet4(nn.Module):
   """models.ConvNet4: [conv3x3-BN-ReLU] x2, 2x2 pool, [conv3x3(2w)-BN-ReLU] x2, pool, dropout,
   flatten in NHWC order (as Flax), so the representation and the head's weights line up."""

@@ -1,0 +1,264 @@
+"""The committed training steps on an accelerator, next to PyTorch mirrors: one prepared call.
+
+  python -m benchmarks.device_bench                 # on a GPU machine, under 8 minutes
+  python -m benchmarks.device_bench --tiny          # toy sizes, on CPU (tests/test_device_bench.py)
+
+Needs jax, flax, optax and orbax (and torch for the mirrors: without it the torch rows say so);
+no tensorflow, network or data: batches are synthetic uint8, made once on the host and placed
+on the device once, so the figures are the step's, not the input pipeline's.
+
+Cases (``CASES``; ``--tiny`` shrinks widths, sizes and batches):
+- SimCLR, ResNet-50, 224x224, batch 256 (512 views per step);
+- SimCLR, ResNet-18, 224x224, batch 256;
+- BYOL, Darknet-53-3D, clips of 16 x 128 x 128, batch 32 (configs/byol_lung.py).
+
+JAX: the committed step (``ssl_us.train.make_train_step``: method, on-device augmentation of
+both views, the loss, the optimizer, the state donated) on a 1-device mesh with the backend's
+defaults (``conv_impl='auto'``, ``model.dtype='auto'``: XLA's kernels and bfloat16 compute on
+GPU). MFU = the compiled step's FLOPs (XLA's cost analysis) / step time / the device's dense
+bfloat16 peak (``PEAK_BF16``; none for CPU).
+
+PyTorch (benchmarks.torch_models): the same encoders and heads, bf16 autocast, channels_last,
+``torch.compile`` unless ``--no_compile`` (falls back to eager if compiling fails, and says so);
+SimCLR: NT-Xent over the 2N views, Adam; BYOL: online and EMA target, the symmetric loss,
+Adam, the EMA update. No augmentation (the inputs are fixed float views), which favours PyTorch.
+
+Each case: ``warmup`` steps (compilation included), then ``steps`` timed steps ended by a
+device sync; reported: items (images or clips) per second, milliseconds per step, MFU for JAX,
+and JAX over PyTorch items/s. One markdown table at the end, and one JSON line per row.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+
+import numpy as np
+
+# Dense bfloat16 peak FLOP/s by jax device_kind prefix (vendor datasheets, without sparsity).
+PEAK_BF16 = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+             "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12}
+
+CASES = {
+    "simclr_resnet50": dict(method="simclr", encoder="resnet50", size=224, batch=256, width=64),
+    "simclr_resnet18": dict(method="simclr", encoder="resnet18", size=224, batch=256, width=64),
+    "byol_darknet53_3d": dict(method="byol", encoder="darknet53_3d", size=128, frames=16,
+                              batch=32, width=32),
+}
+TINY = {
+    "simclr_resnet50": dict(size=32, batch=4, width=4),
+    "simclr_resnet18": dict(size=32, batch=4, width=4),
+    "byol_darknet53_3d": dict(size=16, frames=4, batch=2, width=2),
+}
+
+
+def case_spec(name: str, tiny: bool) -> dict:
+  return {**CASES[name], **(TINY[name] if tiny else {})}
+
+
+def make_config(spec: dict):
+  """The pretraining config of a case: configs/common.py (SimCLR) or configs/byol_lung.py."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from configs import byol_lung, common  # pylint: disable=g-import-not-at-top
+  if spec["method"] == "byol":
+    c = byol_lung.get_config()
+    c.clips.clip_len = spec["frames"]
+    c.model.encoder_kwargs = ml_collections.ConfigDict(dict(num_filters=spec["width"]))
+  else:
+    c = common.base_config()
+    c.model.encoder = spec["encoder"]
+    c.model.encoder_kwargs = ml_collections.ConfigDict(dict(num_filters=spec["width"]))
+  c.image_size = (spec["size"], spec["size"])
+  c.batch_size = spec["batch"]
+  c.num_epochs, c.num_steps = 0, 10_000
+  return c
+
+
+def host_batch(spec: dict, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  n, s = spec["batch"], spec["size"]
+  if spec["method"] == "byol":
+    return {"clip": rng.integers(0, 256, (n, spec["frames"], s, s, 1), np.uint8),
+            "label": np.zeros(n, np.int32), "padded": np.zeros((n, 2), np.int32),
+            "distance": np.zeros(n, np.int32)}
+  return {"image": rng.integers(0, 256, (n, s, s, 1), np.uint8)}
+
+
+def _peak(kind: str) -> float | None:
+  return next((v for k, v in PEAK_BF16.items() if kind.startswith(k)), None)
+
+
+def run_jax(spec: dict, steps: int, warmup: int) -> dict:
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from ssl_us import models, ops, parallel, train  # pylint: disable=g-import-not-at-top
+  from ssl_us.methods import make_method  # pylint: disable=g-import-not-at-top
+  config = make_config(spec)
+  mesh = parallel.make_mesh(1)
+  method = make_method(config, axis_name=parallel.DATA)
+  schedule = train.make_schedule(config, config.batch_size)
+  tx = train.make_optimizer(config, schedule)
+  batch = host_batch(spec)
+  state = parallel.replicate(jax.jit(functools.partial(train.create_state, method, tx))(
+      jax.random.key(0), batch), mesh)
+  step = train.make_train_step(method, tx, schedule, mesh)
+  dev_batch = parallel.shard_host_batch(batch, mesh)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, dev_batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float((cost or {}).get("flops", float("nan")))
+  for _ in range(warmup):
+    state, metrics = step(state, dev_batch)
+  loss = float(metrics["loss"])
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = step(state, dev_batch)
+  jax.block_until_ready(state)
+  dt = (time.perf_counter() - t0) / steps
+  device = jax.devices()[0]
+  peak = _peak(device.device_kind)
+  return {"framework": "jax", "device": device.device_kind,
+          "conv_impl": ops.resolve_impl("auto"),
+          "dtype": np.dtype(models.compute_dtype(config.model.dtype)).name,
+          "step_ms": round(1e3 * dt, 2), "items_s": round(spec["batch"] / dt, 1),
+          "gflop_per_step": float(f"{flops / 1e9:.4g}"),
+          "mfu": round(flops / dt / peak, 3) if peak else None,
+          "compile_and_warmup_s": round(first, 1), "loss": round(loss, 4)}
+
+
+def run_torch(spec: dict, steps: int, warmup: int, compile_model: bool) -> dict:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return {"framework": "torch", "skipped": "torch is not installed (pip install torch)"}
+  from benchmarks import torch_models as tm  # pylint: disable=g-import-not-at-top
+  from configs import byol_lung, common  # pylint: disable=g-import-not-at-top
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  torch.manual_seed(0)
+  n, s = spec["batch"], spec["size"]
+  byol = spec["method"] == "byol"
+  base = byol_lung.get_config() if byol else common.base_config()
+  hidden, out = base.model.head_hidden[0], base.model.head_out
+  if byol:
+    enc = tm.Darknet53_3D(1, spec["width"])
+    fmt = torch.channels_last_3d
+    x = torch.rand(2 * n, 1, spec["frames"], s, s, device=dev)
+  else:
+    enc = (tm.ResNet50 if spec["encoder"] == "resnet50" else tm.ResNet18)(1, spec["width"])
+    fmt = torch.channels_last
+    x = torch.rand(2 * n, 1, s, s, device=dev)
+  model = tm.Contrastive(enc, tm.MLPHead(enc.out_dim, hidden, out)).to(dev, memory_format=fmt)
+  params = list(model.parameters())
+  if byol:
+    predictor = tm.MLPHead(out, base.byol.predictor_hidden[0], out).to(dev)
+    target = copy.deepcopy(model).requires_grad_(False)
+    params += list(predictor.parameters())
+  opt = torch.optim.Adam(params, lr=1e-4)
+  x = x.contiguous(memory_format=fmt)
+  compiled = False
+  run_model = model
+  if compile_model:
+    try:
+      run_model = torch.compile(model)
+      compiled = True
+    except Exception:  # pylint: disable=broad-except
+      run_model = model
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(dev, dtype=torch.bfloat16):
+      z = run_model(x)
+      if byol:
+        p = predictor(z)
+        with torch.no_grad():
+          zt = target(x)
+    if byol:
+      p_a, p_b = torch.nn.functional.normalize(p.float(), dim=1).chunk(2)
+      t_a, t_b = torch.nn.functional.normalize(zt.float(), dim=1).chunk(2)
+      loss = (4 - 2 * (p_a * t_b).sum(1) - 2 * (p_b * t_a).sum(1)).mean()
+    else:
+      loss = tm.nt_xent(*z.float().chunk(2), 0.5)
+    loss.backward()
+    opt.step()
+    if byol:
+      with torch.no_grad():
+        for pt, po in zip(target.parameters(), model.parameters()):
+          pt.mul_(0.99).add_(po, alpha=0.01)
+    return loss
+
+  sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+  t0 = time.perf_counter()
+  try:
+    for _ in range(warmup):
+      loss = step()
+  except Exception:  # pylint: disable=broad-except  (torch.compile failing at first call)
+    if not compiled:
+      raise
+    run_model, compiled = model, False
+    for _ in range(warmup):
+      loss = step()
+  sync()
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    loss = step()
+  sync()
+  dt = (time.perf_counter() - t0) / steps
+  return {"framework": "torch", "device": (torch.cuda.get_device_name() if dev == "cuda"
+                                           else "cpu"),
+          "compiled": compiled, "step_ms": round(1e3 * dt, 2),
+          "items_s": round(n / dt, 1), "compile_and_warmup_s": round(first, 1),
+          "loss": round(float(loss), 4)}
+
+
+def table(rows: list[dict]) -> str:
+  lines = ["| case | framework | device | items/s | ms/step | MFU | JAX / torch | notes |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if "skipped" in r:
+      lines.append(f"| {r['case']} | {r['framework']} | | | | | | {r['skipped']} |")
+      continue
+    other = next((o for o in rows if o["case"] == r["case"] and o is not r
+                  and "items_s" in o), None)
+    ratio = (f"{r['items_s'] / other['items_s']:.2f}" if r["framework"] == "jax" and other
+             else "")
+    mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else ""
+    notes = (f"{r['conv_impl']} kernels, {r['dtype']}, {r['gflop_per_step']} GFLOP/step"
+             if r["framework"] == "jax" else
+             f"bf16 autocast, channels_last, {'compiled' if r['compiled'] else 'eager'}")
+    lines.append(f"| {r['case']} | {r['framework']} | {r['device']} | {r['items_s']} | "
+                 f"{r['step_ms']} | {mfu} | {ratio} | {notes} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--tiny", action="store_true", help="toy sizes, for a CPU")
+  p.add_argument("--cases", default=",".join(CASES))
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--no_torch", action="store_true")
+  p.add_argument("--no_compile", action="store_true", help="PyTorch eager (--tiny implies it)")
+  a = p.parse_args(argv)
+  rows, t_start = [], time.perf_counter()
+  for name in a.cases.split(","):
+    spec = case_spec(name, a.tiny)
+    runs = [lambda: run_jax(spec, a.steps, a.warmup)]
+    if not a.no_torch:
+      runs.append(lambda: run_torch(spec, a.steps, a.warmup,
+                                    compile_model=not (a.no_compile or a.tiny)))
+    for run in runs:
+      row = {"case": name, **run()}
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  print(table(rows))
+  print(f"total {time.perf_counter() - t_start:.0f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
