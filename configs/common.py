@@ -27,10 +27,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       name="adam", base_lr=1e-3, lr_scaling="none", lr_base_batch=256, warmup_steps=0,
       end_lr_factor=0.0, weight_decay=0.0, b1=0.9, b2=0.999, momentum=0.9))
+  # brightness_mode 'scale': x (1 + b), b uniform in +-brightness (torchvision's and SimCLR v2's
+  # factor). On ultrasound (mean intensity ~0.16) the additive x + b ('add') blacks out many
+  # views; measured on SimCLR, AWCL and USCL (benchmarks/RESULTS.md, brightness study).
   c.aug = ml_collections.ConfigDict(dict(
       crop_prob=1.0, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_prob=0.5,
       affine_prob=0.0, rotate_deg=0.0, scale=0.0, translate=0.0, color_prob=0.8,
-      brightness=0.4, brightness_mode="add", contrast=0.4, noise_prob=0.0, noise_std=0.0,
+      brightness=0.4, brightness_mode="scale", contrast=0.4, noise_prob=0.0, noise_std=0.0,
       erase_prob=0.0, erase_area=(0.02, 0.1), erase_ratio=(0.3, 3.3), mean=0.5, std=0.25))
   c.log_every = 50
   c.ckpt_every = 1000

@@ -36,7 +36,7 @@ class AugmentConfig:
   translate: float = 0.0                           # +- fraction of the size
   color_prob: float = 0.8
   brightness: float = 0.4                          # +- b, applied as brightness_mode says
-  brightness_mode: str = "add"                     # "add": x + b (in [0, 1] intensity units);
+  brightness_mode: str = "scale"                   # "add": x + b (in [0, 1] intensity units);
                                                    # "scale": x * (1 + b) (torchvision's factor)
   contrast: float = 0.4                            # multiplicative about the mean, 1 +- c
   noise_prob: float = 0.0
