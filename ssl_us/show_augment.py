@@ -22,7 +22,7 @@ from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
 from ssl_us import augment, augment_video, input_pipeline
-from ssl_us.methods.byol import make_clip_sampler
+from ssl_us.methods.simclr_video import make_clip_sampler
 
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from configs import byol_lung, simclr_lung3d
 from ssl_us import checkpoint, ema, parallel, train
-from ssl_us.methods import byol
+from ssl_us.methods import byol, simclr_video
 from tests import fixtures
 
 
@@ -163,7 +163,7 @@ def test_after_update_is_the_ema_of_encoder_and_projection(method_and_vars):
 
 
 def test_clip_metrics_by_hand():
-  method = byol.SimCLRVideo(simclr_lung3d.get_config("runlocal"))
+  method = simclr_video.SimCLRVideo(simclr_lung3d.get_config("runlocal"))
   batch = {"clip": jnp.zeros((4, 4, 2, 2, 1), jnp.uint8),
            "padded": jnp.asarray([[0, 0], [2, 2], [0, 1], [0, 0]]),
            "distance": jnp.asarray([0, 4, 8, 0])}
@@ -243,7 +243,7 @@ def test_pair_views_take_the_second_clip_for_view_b():
   c.aug.update(crop_prob=0.0, flip_prob=0.0, affine_prob=0.0, color_prob=0.0, noise_prob=0.0,
                erase_prob=0.0)
   c.temporal_aug.enabled = False
-  method = byol.SimCLRVideo(c)
+  method = simclr_video.SimCLRVideo(c)
   assert method.sampler.views == "pair" and method.sampler.records_per_example == 2
   rng = np.random.default_rng(0)
   batch = {"clip": rng.integers(0, 256, (2, 3, 8, 8, 1), np.uint8),

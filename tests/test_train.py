@@ -199,7 +199,7 @@ def test_cli_config_errors(tmp_path, args, message):
 @pytest.mark.parametrize("config_module, expected", [
     (simclr_muscle, "ssl_us.methods.simclr.SimCLR"),
     (byol_lung, "ssl_us.methods.byol.BYOL"),
-    (simclr_lung3d, "ssl_us.methods.byol.SimCLRVideo"),
+    (simclr_lung3d, "ssl_us.methods.simclr_video.SimCLRVideo"),
     (awcl_fetal, "ssl_us.methods.awcl.AWCL"),
     (uscl, "ssl_us.methods.uscl.USCL"),
 ])

@@ -5,7 +5,9 @@ A method turns a host batch into a loss, per device, inside shard_map. Each has:
   init(rng, host_batch)        -> variables {'params', 'batch_stats', ...extras}
   loss(params, variables, batch, rng)
                                -> (loss, (updated non-param variables, metrics)); runs per device
-                                  with ``axis_name`` for global BatchNorm and cross-device terms
+                                  with ``axis_name`` for global BatchNorm and cross-device terms;
+                                  it is views -> embed -> objective (methods/simclr.py), which
+                                  ssl_us.gradcache runs chunk by chunk (config.microbatches)
   after_update(variables, params, step)
                                -> variables after the optimizer step (e.g. BYOL's EMA target)
   encoder(variables)           -> (encoder module, {'params', 'batch_stats'}) for downstream use
@@ -18,7 +20,7 @@ import importlib
 _METHODS: dict[str, str] = {
     "simclr": "ssl_us.methods.simclr:SimCLR",
     "byol": "ssl_us.methods.byol:BYOL",
-    "simclr_video": "ssl_us.methods.byol:SimCLRVideo",
+    "simclr_video": "ssl_us.methods.simclr_video:SimCLRVideo",
     "awcl": "ssl_us.methods.awcl:AWCL",
     "uscl": "ssl_us.methods.uscl:USCL",
 }

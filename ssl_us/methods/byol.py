@@ -1,10 +1,8 @@
-"""Video pretraining methods on clips (paper 001): BYOL, and SimCLR as its Table 3 alternative.
+"""BYOL on clips (paper 001); its SimCLR alternative is methods/simclr_video.py.
 
-Both read clips from ``samplers_video.ClipSampler`` (config.clips) and make the two views with
-``augment_video`` (config.aug for the spatial part shared by all frames of a clip,
-config.temporal_aug for the temporal group): batch['clip'] twice (the paper), or batch['clip']
-and batch['clip_b'] (two clips of one video). Both views go through each network in one forward
-pass (2n clips per device), with global BatchNorm (axis_name) in every network.
+Clips and their two views come from ``simclr_video.ClipViews`` (config.clips, config.aug,
+config.temporal_aug). Both views go through each network in one forward pass (2n clips per
+device), with global BatchNorm (axis_name) in every network.
 
 BYOL (Grill et al. 2020), per step with views v_a, v_b:
   online  f_theta -> g_theta -> q_theta:  p = q(g(f(v)))     (params: encoder, head, predictor)
@@ -30,27 +28,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ssl_us import augment_video, ema, losses, models
-from ssl_us import models3d  # noqa: F401  (registers the 3D encoders with make_encoder)
+from ssl_us import ema, losses, models
 from ssl_us.methods.simclr import SimCLR, build_model
-from ssl_us.samplers_video import ClipSampler
+from ssl_us.methods.simclr_video import ClipViews
 
 BYOL_KEYS = ("tau_base", "tau_schedule", "tau_steps", "predictor_hidden")
-
-
-def _global_mean(x, axis_name):
-  m = jnp.mean(x)
-  return m if axis_name is None else jax.lax.pmean(m, axis_name)
-
-
-def make_clip_sampler(config) -> ClipSampler:
-  """ClipSampler from config.clips (ClipSampler's field names; unknown keys are an error)."""
-  d = dict(config.clips)
-  known = set(ClipSampler.__dataclass_fields__)
-  unknown = sorted(set(d) - known)
-  if unknown:
-    raise ValueError(f"unknown config.clips keys {unknown}; known: {sorted(known)}")
-  return ClipSampler(**d)
 
 
 def embedding_spread(z, axis_name=None):
@@ -63,44 +45,6 @@ def embedding_spread(z, axis_name=None):
 
 def _pmean(x, axis_name):
   return x if axis_name is None else jax.lax.pmean(x, axis_name)
-
-
-class ClipViews:
-  """Clip input for a SimCLR-style method: sampler, two spatio-temporal views, clip metrics."""
-  view_key = "clip"
-
-  def __init__(self, config, axis_name=None):
-    super().__init__(config, axis_name)
-    self.video_aug = augment_video.VideoAugmentConfig.from_config(
-        config.aug, config.temporal_aug, config.image_size)
-
-  def make_sampler(self, config):
-    return make_clip_sampler(config)
-
-  def views(self, batch, rng):
-    """Two augmented views (n, T, h, w, C); keys from global example indices."""
-    k_a, k_b = jax.random.split(rng)
-    clip_a = batch[self.view_key]
-    clip_b = batch.get("clip_b", clip_a)
-    return (augment_video.augment_video_batch(k_a, clip_a, self.video_aug, self.axis_name),
-            augment_video.augment_video_batch(k_b, clip_b, self.video_aug, self.axis_name))
-
-  def clip_metrics(self, batch):
-    """Global shares of padded clips and frames, and the mean distance between the views."""
-    padded = batch["padded"].astype(jnp.float32)            # (n, 2)
-    t = batch[self.view_key].shape[1]
-    return {"padded_clip_frac": _global_mean(padded > 0, self.axis_name),
-            "padded_frame_frac": _global_mean(padded / t, self.axis_name),
-            "view_distance": _global_mean(batch["distance"].astype(jnp.float32),
-                                          self.axis_name)}
-
-
-class SimCLRVideo(ClipViews, SimCLR):
-  """SimCLR (NT-Xent over the global batch) on spatio-temporally augmented clips."""
-
-  def objective(self, out, batch):
-    loss, metrics = super().objective(out, batch)
-    return loss, {**metrics, **self.clip_metrics(batch)}
 
 
 class OnlineNetwork(nn.Module):
