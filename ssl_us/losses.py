@@ -358,3 +358,42 @@ def _ring_bwd(temperature, axis_name, residuals, cotangents):
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# USCL (paper 003): NT-Xent plus the cross-entropy of the labeled views.
+
+
+def masked_cross_entropy(logits, labels, *, axis_name=None):
+  """Mean softmax cross-entropy over the examples with label >= 0 of the global batch.
+
+  logits (n, C), labels (n,) int with -1 = unlabeled. Returns (loss, number of labeled examples
+  in the global batch); loss = sum_i [y_i >= 0] CE(logits_i, y_i) / max(#labeled, 1), so a batch
+  without labels gives 0 with zero gradient.
+  """
+  if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+    raise ValueError(f"need logits (n, C) and labels (n,), got {logits.shape} and {labels.shape}")
+  labeled = labels >= 0
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_p, jnp.where(labeled, labels, 0)[:, None], axis=-1)[:, 0]
+  total = jnp.sum(jnp.where(labeled, nll, 0.0))
+  count = jnp.sum(labeled).astype(jnp.float32)
+  if axis_name is not None:
+    total, count = jax.lax.psum((total, count), axis_name)
+  return total / jnp.maximum(count, 1.0), count
+
+
+def uscl(z_a, z_b, logits_a, logits_b, labels, *, temperature, lambda_ce, axis_name=None,
+         **loss_kw):
+  """Paper 003 Eq. 1: L = NT-Xent(z_a, z_b) + lambda_ce * CE over the labeled views of both.
+
+  z_* (n, d) projections and logits_* (n, C) classifier outputs of view 1 and view 2; labels (n,)
+  the video's class or -1. ``loss_kw``: nt_xent_and_metrics's impl options. Returns
+  (loss, metrics).
+  """
+  con, metrics = nt_xent_and_metrics(z_a, z_b, temperature=temperature,
+                                     axis_name=axis_name, **loss_kw)
+  ce, count = masked_cross_entropy(jnp.concatenate([logits_a, logits_b]),
+                                   jnp.concatenate([labels, labels]), axis_name=axis_name)
+  metrics = dict(metrics, contrastive_loss=con, ce_loss=ce, num_labeled=count / 2)
+  return con + lambda_ce * ce, metrics

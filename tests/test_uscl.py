@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_us import losses, uscl
+from ssl_us import losses
+from ssl_us.methods import uscl as uscl_method
 from tests import fixtures
 
 
@@ -17,53 +18,53 @@ def test_mix_views_formula_by_hand():
   frames[0, :] = np.array([0, 100, 200], np.uint8)[:, None, None, None]
   frames[1, :] = np.array([10, 20, 30], np.uint8)[:, None, None, None]
   lam = jnp.array([0.25, 1.0])
-  v1, v2 = jax.jit(uscl.mix_views)(jnp.asarray(frames), lam)
+  v1, v2 = jax.jit(uscl_method.mix_views)(jnp.asarray(frames), lam)
   assert v1.dtype == jnp.float32 and v1.shape == (2, 2, 2, 1)
   # video 0: 0.25 * 100 + 0.75 * 0 = 25 and 0.25 * 100 + 0.75 * 200 = 175; lambda 1: f2 twice.
   np.testing.assert_allclose(v1[:, 0, 0, 0], [25.0, 20.0])
   np.testing.assert_allclose(v2[:, 0, 0, 0], [175.0, 20.0])
-  v1, v2 = uscl.mix_views(jnp.asarray(frames), jnp.zeros(2))
+  v1, v2 = uscl_method.mix_views(jnp.asarray(frames), jnp.zeros(2))
   np.testing.assert_allclose(v1, frames[:, 0].astype(np.float32))
   np.testing.assert_allclose(v2, frames[:, 2].astype(np.float32))
 
 
 def test_mix_views_rejects_bad_shapes():
   with pytest.raises(ValueError, match="three frames per video"):
-    uscl.mix_views(jnp.zeros((2, 2, 4, 4, 1)), jnp.zeros(2))
+    uscl_method.mix_views(jnp.zeros((2, 2, 4, 4, 1)), jnp.zeros(2))
   with pytest.raises(ValueError, match="one weight per video"):
-    uscl.mix_views(jnp.zeros((2, 3, 4, 4, 1)), jnp.zeros(3))
+    uscl_method.mix_views(jnp.zeros((2, 3, 4, 4, 1)), jnp.zeros(3))
 
 
 def test_beta_draws_match_the_arcsine_law():
-  lam = np.asarray(uscl.sample_mix_weights(jax.random.split(jax.random.key(0), 20000), 0.5, 0.5))
+  lam = np.asarray(uscl_method.sample_mix_weights(jax.random.split(jax.random.key(0), 20000), 0.5, 0.5))
   assert lam.shape == (20000,) and lam.min() >= 0 and lam.max() <= 1
   # Beta(1/2, 1/2): mean 1/2, variance 1/8, CDF (2/pi) arcsin(sqrt(x)).
   np.testing.assert_allclose(lam.mean(), 0.5, atol=0.01)
   np.testing.assert_allclose(lam.var(), 0.125, atol=0.005)
   np.testing.assert_allclose((lam < 0.1).mean(), 2 / math.pi * math.asin(math.sqrt(0.1)),
                              atol=0.01)
-  skewed = np.asarray(uscl.sample_mix_weights(jax.random.split(jax.random.key(1), 20000), 2.0,
+  skewed = np.asarray(uscl_method.sample_mix_weights(jax.random.split(jax.random.key(1), 20000), 2.0,
                                               5.0))
   np.testing.assert_allclose(skewed.mean(), 2 / 7, atol=0.01)
   with pytest.raises(ValueError, match="must be > 0"):
-    uscl.sample_mix_weights(jax.random.split(jax.random.key(0), 4), 0.0, 0.5)
+    uscl_method.sample_mix_weights(jax.random.split(jax.random.key(0), 4), 0.0, 0.5)
 
 
 def test_masked_cross_entropy_by_hand():
   logits = jnp.array([[0.0, 0.0], [math.log(3.0), 0.0], [5.0, -5.0]])
   # Labeled rows 0 (CE ln 2) and 1 with class 1 (p = 1/4 -> CE ln 4); row 2 is unlabeled.
-  loss, count = jax.jit(uscl.masked_cross_entropy)(logits, jnp.array([0, 1, -1]))
+  loss, count = jax.jit(losses.masked_cross_entropy)(logits, jnp.array([0, 1, -1]))
   np.testing.assert_allclose(loss, (math.log(2) + math.log(4)) / 2, rtol=1e-6)
   assert float(count) == 2
   # The unlabeled row's logits get no gradient.
-  g = jax.grad(lambda x: uscl.masked_cross_entropy(x, jnp.array([0, 1, -1]))[0])(logits)
+  g = jax.grad(lambda x: losses.masked_cross_entropy(x, jnp.array([0, 1, -1]))[0])(logits)
   np.testing.assert_array_equal(g[2], 0.0)
   np.testing.assert_allclose(g[0], [-0.25, 0.25], rtol=1e-6)  # (softmax - onehot) / 2
 
 
 def test_masked_cross_entropy_without_labels_is_zero_not_nan():
   logits = jnp.array([[1.0, 2.0], [3.0, -1.0]])
-  fn = jax.jit(lambda x: uscl.masked_cross_entropy(x, jnp.array([-1, -1]))[0])
+  fn = jax.jit(lambda x: losses.masked_cross_entropy(x, jnp.array([-1, -1]))[0])
   loss, g = jax.value_and_grad(fn)(logits)
   assert float(loss) == 0.0
   np.testing.assert_array_equal(g, 0.0)
@@ -75,7 +76,7 @@ def test_uscl_loss_is_nt_xent_plus_weighted_ce():
   logits_a = jnp.zeros((4, 3))                                # CE = ln 3 for every view
   logits_b = jnp.zeros((4, 3)).at[1, 2].set(math.log(4.0))    # view 2 of video 1: p(0) = 1/6
   labels = jnp.array([-1, 0, 2, -1])
-  fn = jax.jit(lambda *a: uscl.uscl_loss(*a, temperature=0.5, lambda_ce=0.2))
+  fn = jax.jit(lambda *a: losses.uscl(*a, temperature=0.5, lambda_ce=0.2))
   loss, metrics = fn(z_a, z_b, logits_a, logits_b, labels)
   ce = (3 * math.log(3) + math.log(6)) / 4
   con = losses.nt_xent(z_a, z_b, temperature=0.5)
@@ -92,7 +93,7 @@ _SHARDED = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
-    from ssl_us import parallel, uscl
+    from ssl_us import losses, parallel
 
     mesh = parallel.make_mesh(8)
     put = lambda x: jax.device_put(x, parallel.data_sharded(mesh))
@@ -105,11 +106,11 @@ _SHARDED = textwrap.dedent("""
     kw = dict(temperature=0.5, lambda_ce=0.2)
 
     def sharded(*a):
-      fn = jax.shard_map(lambda *b: uscl.uscl_loss(*b, axis_name=parallel.DATA, **kw)[0],
+      fn = jax.shard_map(lambda *b: losses.uscl(*b, axis_name=parallel.DATA, **kw)[0],
                          mesh=mesh, in_specs=(P(parallel.DATA),) * 5, out_specs=P())
       return fn(*a, put(labels))
 
-    single = lambda *a: uscl.uscl_loss(*a, labels, **kw)[0]
+    single = lambda *a: losses.uscl(*a, labels, **kw)[0]
     argnums = (0, 1, 2, 3)
     v1, g1 = jax.jit(jax.value_and_grad(single, argnums))(*args)
     v8, g8 = jax.jit(jax.value_and_grad(sharded, argnums))(*[put(a) for a in args])
