@@ -86,6 +86,16 @@ def _chunk_batch(batch, m):
   return jax.tree_util.tree_map_with_path(one, batch)
 
 
+def _chunked_views(method, m, batch, rng):
+  """The views of the whole per-device batch (as ``method.loss`` makes them: the same key split)
+  as (m, 2c, ...) chunks, and one embed key per chunk."""
+  k_views, k_embed = jax.random.split(rng)
+  v_a, v_b = method.views(batch, k_views)
+  if v_a.shape[0] % m:
+    raise ValueError(f"a per-device batch of {v_a.shape[0]} does not split into {m} microbatches")
+  return _pair_chunks(v_a, v_b, m), _chunk_keys(k_embed, m)
+
+
 def _chunk_keys(rng, m):
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(m))
 
@@ -123,11 +133,7 @@ def _add_f32(acc, g):
 def cached(method, m, params, variables, batch, rng):
   """Gradient caching (module docstring, steps 1-4)."""
   axis = method.axis_name
-  k_views, k_embed = jax.random.split(rng)
-  v_a, v_b = method.views(batch, k_views)
-  if v_a.shape[0] % m:
-    raise ValueError(f"a per-device batch of {v_a.shape[0]} does not split into {m} microbatches")
-  xs, keys = _pair_chunks(v_a, v_b, m), _chunk_keys(k_embed, m)
+  xs, keys = _chunked_views(method, m, batch, rng)
 
   def embed(p, x, key):
     return method.embed(p, variables, x, key)
@@ -153,11 +159,8 @@ def cached(method, m, params, variables, batch, rng):
 def accumulated(method, m, params, variables, batch, rng):
   """Gradient accumulation for objectives that are a mean over examples."""
   axis = method.axis_name
-  k_views, k_embed = jax.random.split(rng)
-  v_a, v_b = method.views(batch, k_views)
-  if v_a.shape[0] % m:
-    raise ValueError(f"a per-device batch of {v_a.shape[0]} does not split into {m} microbatches")
-  xs, keys, batches = _pair_chunks(v_a, v_b, m), _chunk_keys(k_embed, m), _chunk_batch(batch, m)
+  xs, keys = _chunked_views(method, m, batch, rng)
+  batches = _chunk_batch(batch, m)
 
   def chunk_loss(p, x, key, b):
     out, new_vars = method.embed(p, variables, x, key)

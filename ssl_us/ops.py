@@ -94,6 +94,20 @@ def _matmul(x, w, precision, preferred_element_type):
                          preferred_element_type=preferred_element_type)
 
 
+def _lax_fallback(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                  dimension_numbers, feature_group_count, batch_group_count, precision,
+                  preferred_element_type):
+  """(lax's own convolution of these arguments, as a thunk; whether they have no dilation and
+  no groups, which the fast forms need)."""
+  plain = functools.partial(
+      lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+      precision=precision, preferred_element_type=preferred_element_type)
+  undilated = all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+  return plain, undilated and feature_group_count == 1 and batch_group_count == 1
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
@@ -105,14 +119,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   (``patches``) and one matmul; any other with at least _MIN_CHUNKED_K patch features is lax's
   convolution with ``weight_grad`` as its kernel gradient. Everything else is lax's convolution.
   """
-  plain = functools.partial(
-      lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-      precision=precision, preferred_element_type=preferred_element_type)
-  undilated = all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
-  if not (_is_nhwc_2d(lhs, rhs, dimension_numbers) and undilated
-          and feature_group_count == 1 and batch_group_count == 1):
+  plain, simple = _lax_fallback(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                dimension_numbers, feature_group_count, batch_group_count,
+                                precision, preferred_element_type)
+  if not (simple and _is_nhwc_2d(lhs, rhs, dimension_numbers)):
     return plain()
   kh, kw, cin, cout = rhs.shape
   strides = tuple(window_strides)
@@ -295,13 +305,10 @@ def conv3d_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   the 2D convolution: the same sums, so the same result up to float summation order, and the
   gradients are 2D convolutions too. Other layouts, dilation or groups use lax's convolution.
   """
-  plain = functools.partial(
-      lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-      precision=precision, preferred_element_type=preferred_element_type)
-  undilated = all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
-  if (lhs.ndim != 5 or not undilated or feature_group_count != 1 or batch_group_count != 1
+  plain, simple = _lax_fallback(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                dimension_numbers, feature_group_count, batch_group_count,
+                                precision, preferred_element_type)
+  if (lhs.ndim != 5 or not simple
       or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NDHWC)):
     return plain()
