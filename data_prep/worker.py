@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -167,6 +168,114 @@ def preview_name(position: int, video_id: str) -> str:
   return f"{position:05d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', video_id)[-80:]}.png"
 
 
+@functools.lru_cache(maxsize=8)
+def _encoder(height: int, width: int) -> writer_lib.RecordEncoder:
+  return writer_lib.RecordEncoder(height, width)
+
+
+def _probe(cfg: WorkerConfig, path: str) -> readers.VideoInfo:
+  info = readers.probe(path)
+  if info.num_frames < 1:
+    raise VideoError("zero_frames", f"{path}: no decodable frames")
+  if min(info.height, info.width) < cfg.min_size:
+    raise VideoError("too_small", f"{path}: {info.height}x{info.width} frames are smaller "
+                     f"than --min_size {cfg.min_size}")
+  return info
+
+
+def _region(cfg: WorkerConfig, path: str, info, needed: list[int]):
+  """(region, sample frames, frames iterator) for one video; see the module docstring."""
+  samples = sample_indices(info.num_frames, cfg.region_samples)
+  keep = set(needed) | set(samples)
+  if len(keep) * info.height * info.width <= cfg.buffer_bytes:
+    got = _collect(path, keep, info.num_frames)
+    frames = ((i, got[i]) for i in needed)
+  else:
+    got = _collect(path, set(samples), info.num_frames)
+    needed_set = set(needed)
+    frames = ((i, f) for i, f in readers.iter_frames(path) if i in needed_set)
+  sample = [got[i] for i in samples]
+  for i, f in zip(samples, sample):
+    if f.shape != (info.height, info.width):
+      raise VideoError("decode_error", f"{path}: frame {i} is {f.shape}, probe said "
+                       f"{info.height}x{info.width}")
+  region = region_lib.find_region(np.stack(sample))
+  rh, rw = region.y1 - region.y0, region.x1 - region.x0
+  if min(rh, rw) < cfg.min_size:
+    raise VideoError("too_small", f"{path}: scan area {rh}x{rw} is smaller than --min_size "
+                     f"{cfg.min_size}")
+  return region, sample, frames
+
+
+def _write(cfg: WorkerConfig, job: Job, info, groups, write: Callable[[bytes], None]) -> dict:
+  """Encode the records of one video through ``write``; the audit fields of a written video."""
+  e = job.entry
+  needed = sorted({i for g in groups for i in g.indices})
+  region, sample, frames = _region(cfg, e.path, info, needed)
+  size = cfg.image_size
+  encoder = _encoder(*size)
+
+  def process(frame):
+    if frame.shape != (info.height, info.width):
+      raise VideoError("decode_error", f"{e.path}: a frame is {frame.shape}, probe said "
+                       f"{info.height}x{info.width}")
+    return writer_lib.encode_png(region_lib.apply_region(frame, region, size))
+
+  fields = writer_lib.video_fields(
+      label=job.label_id, label_name=e.label, video_id=e.video_id, patient=job.patient,
+      exam=e.exam, side=e.side, source=e.source, fps=info.fps, num_frames=info.num_frames,
+      metadata=dict(e.metadata))
+  records = padded = nbytes = 0
+  for g, pngs in emit_groups(groups, frames, process):
+    coarse, fine = manifest.label_ids(job.frame_labels, g.indices)
+    fps = info.fps
+    record = encoder.serialize(
+        frames=pngs, frame_indices=list(g.indices),
+        timestamps=[i / fps if fps > 0 else 0.0 for i in g.indices],
+        anatomy_coarse=coarse, anatomy_fine=fine, video=fields, padded=g.padded)
+    write(record)
+    records += 1
+    nbytes += writer_lib.framed_size(record)
+    padded += g.padded > 0
+  if job.preview:  # save_preview writes to a temporary name and renames
+    os.makedirs(cfg.preview_dir, exist_ok=True)
+    region_lib.save_preview(sample[len(sample) // 2], region, size,
+                            os.path.join(cfg.preview_dir, job.preview))
+  out = dict(status="written", reason="", records=records, frames=len(needed),
+             padded_records=padded, bytes=nbytes,
+             region=[region.y0, region.x0, region.y1, region.x1], region_kind=region.kind)
+  if job.frame_labels is not None:
+    out["labelled_frames_out_of_range"] = int((job.frame_labels[0] >= info.num_frames).sum())
+  return out
+
+
+def encode_video(cfg: WorkerConfig, job: Job, write: Callable[[bytes], None]) -> dict:
+  """The per-video work of every runner: one video -> its serialized records, in frame order.
+
+  Each record goes to ``write`` as it is made. Returns the video's audit: status 'written'
+  (records, frames, bytes as framed in a TFRecord file, scan-area box), or 'rejected' with
+  the reason code and message, for a video that cannot be read or that raised anything
+  (reason 'error', with the traceback): a bad video never stops the build. After a rejection
+  the caller drops whatever ``write`` got for this video.
+  """
+  e = job.entry
+  audit = {"video_id": e.video_id, "source": e.source, "split": job.split}
+  try:
+    info = _probe(cfg, e.path)
+    audit.update(kind=info.kind, fps=info.fps, num_frames=info.num_frames,
+                 height=info.height, width=info.width, input_bytes=source_bytes(e.path))
+    groups = sampling.plan(cfg.sampling, info.num_frames, info.fps)
+    audit.update(_write(cfg, job, info, groups, write))
+  except (VideoError, sampling.SamplingError, readers.ReadError) as err:
+    reason = getattr(err, "reason", "unreadable")
+    audit.update(status="rejected", reason=reason, message=str(err))
+  except Exception as err:  # a decoder or region bug must not stop the other videos
+    audit.update(status="rejected", reason="error",
+                 message=f"{e.path}: {type(err).__name__}: {err}",
+                 traceback=traceback.format_exc(limit=4))
+  return audit
+
+
 class Worker:
   """Writes jobs into its pieces and journal; ``emit`` gets progress messages (dicts)."""
 
@@ -176,37 +285,22 @@ class Worker:
     self.emit = emit
     self.name = f"{cfg.prefix}-w{index:03d}"
     self.journal = Journal(os.path.join(cfg.journal_dir, self.name + ".jsonl"))
-    self.encoder = writer_lib.RecordEncoder(*cfg.image_size)
     self._pieces: dict[str, writer_lib.ShardWriter] = {}
     self._piece_videos: dict[str, list[dict]] = {}
     self._seq = 0
 
   def run(self, job: Job) -> dict:
-    """Process one video; returns its audit (also emitted as a 'done' message)."""
-    e = job.entry
-    self.journal.append({"event": "start", "video_id": e.video_id}, sync=False)
-    audit = {"video_id": e.video_id, "source": e.source, "split": job.split}
-    piece = None
-    try:
-      info = self._probe(e.path)
-      audit.update(kind=info.kind, fps=info.fps, num_frames=info.num_frames,
-                   height=info.height, width=info.width, input_bytes=source_bytes(e.path))
-      groups = sampling.plan(self.cfg.sampling, info.num_frames, info.fps)
-      piece = self._piece(job.split)
-      piece.mark()
-      audit.update(self._write(job, info, groups, piece))
-    except (VideoError, sampling.SamplingError, readers.ReadError) as err:
-      reason = getattr(err, "reason", "unreadable")
-      audit.update(status="rejected", reason=reason, message=str(err))
-    except Exception as err:  # a decoder or region bug must not stop the other videos
-      audit.update(status="rejected", reason="error",
-                   message=f"{e.path}: {type(err).__name__}: {err}",
-                   traceback=traceback.format_exc(limit=4))
-    if audit.get("status") == "rejected":
-      if piece is not None:
-        piece.rollback()
+    """Process one video into this worker's piece of its split; returns its audit (also
+    emitted as a 'done' message)."""
+    self.journal.append({"event": "start", "video_id": job.entry.video_id}, sync=False)
+    piece = self._piece(job.split)
+    piece.mark()
+    audit = encode_video(self.cfg, job, piece.write)
+    if audit["status"] == "rejected":
+      piece.rollback()
       self.journal.append({"event": "rejected", "video": audit})
     else:
+      audit["piece"] = os.path.basename(piece.path)
       self._piece_videos[job.split].append(audit)
       if piece.num_bytes >= self.cfg.shard_bytes:
         self._commit(job.split)
@@ -218,15 +312,6 @@ class Worker:
     for split in list(self._pieces):
       self._commit(split)
     self.journal.close()
-
-  def _probe(self, path: str) -> readers.VideoInfo:
-    info = readers.probe(path)
-    if info.num_frames < 1:
-      raise VideoError("zero_frames", f"{path}: no decodable frames")
-    if min(info.height, info.width) < self.cfg.min_size:
-      raise VideoError("too_small", f"{path}: {info.height}x{info.width} frames are smaller "
-                       f"than --min_size {self.cfg.min_size}")
-    return info
 
   def _piece(self, split: str) -> writer_lib.ShardWriter:
     if split not in self._pieces:
@@ -246,67 +331,6 @@ class Worker:
     self.journal.append({"event": "piece", "piece": os.path.basename(piece.path), "split": split,
                          "records": records, "bytes": nbytes, "videos": videos})
 
-  def _region(self, path: str, info, needed: list[int]):
-    """(region, sample frames, frames iterator) for one video; see the module docstring."""
-    samples = sample_indices(info.num_frames, self.cfg.region_samples)
-    keep = set(needed) | set(samples)
-    if len(keep) * info.height * info.width <= self.cfg.buffer_bytes:
-      got = _collect(path, keep, info.num_frames)
-      frames = ((i, got[i]) for i in needed)
-    else:
-      got = _collect(path, set(samples), info.num_frames)
-      needed_set = set(needed)
-      frames = ((i, f) for i, f in readers.iter_frames(path) if i in needed_set)
-    sample = [got[i] for i in samples]
-    for i, f in zip(samples, sample):
-      if f.shape != (info.height, info.width):
-        raise VideoError("decode_error", f"{path}: frame {i} is {f.shape}, probe said "
-                         f"{info.height}x{info.width}")
-    region = region_lib.find_region(np.stack(sample))
-    rh, rw = region.y1 - region.y0, region.x1 - region.x0
-    if min(rh, rw) < self.cfg.min_size:
-      raise VideoError("too_small", f"{path}: scan area {rh}x{rw} is smaller than --min_size "
-                       f"{self.cfg.min_size}")
-    return region, sample, frames
-
-  def _write(self, job: Job, info, groups, piece) -> dict:
-    """Write the records of one video into ``piece``; the audit fields of a written video."""
-    e = job.entry
-    needed = sorted({i for g in groups for i in g.indices})
-    region, sample, frames = self._region(e.path, info, needed)
-    size = self.cfg.image_size
-
-    def process(frame):
-      if frame.shape != (info.height, info.width):
-        raise VideoError("decode_error", f"{e.path}: a frame is {frame.shape}, probe said "
-                         f"{info.height}x{info.width}")
-      return writer_lib.encode_png(region_lib.apply_region(frame, region, size))
-
-    fields = writer_lib.video_fields(
-        label=job.label_id, label_name=e.label, video_id=e.video_id, patient=job.patient,
-        exam=e.exam, side=e.side, source=e.source, fps=info.fps, num_frames=info.num_frames,
-        metadata=dict(e.metadata))
-    start_bytes = piece.num_bytes
-    records = padded = 0
-    for g, pngs in emit_groups(groups, frames, process):
-      coarse, fine = manifest.label_ids(job.frame_labels, g.indices)
-      fps = info.fps
-      piece.write(self.encoder.serialize(
-          frames=pngs, frame_indices=list(g.indices),
-          timestamps=[i / fps if fps > 0 else 0.0 for i in g.indices],
-          anatomy_coarse=coarse, anatomy_fine=fine, video=fields, padded=g.padded))
-      records += 1
-      padded += g.padded > 0
-    if job.preview:  # save_preview writes to a temporary name and renames
-      region_lib.save_preview(sample[len(sample) // 2], region, size,
-                              os.path.join(self.cfg.preview_dir, job.preview))
-    out = dict(status="written", reason="", records=records, frames=len(needed),
-               padded_records=padded, bytes=piece.num_bytes - start_bytes,
-               region=[region.y0, region.x0, region.y1, region.x1], region_kind=region.kind,
-               piece=os.path.basename(piece.path))
-    if job.frame_labels is not None:
-      out["labelled_frames_out_of_range"] = int((job.frame_labels[0] >= info.num_frames).sum())
-    return out
 
 def worker_process(cfg: WorkerConfig, index: int, jobs, results) -> None:
   """Entry point of a worker process: Job objects from the ``jobs`` connection until None,

@@ -36,6 +36,11 @@ def frame_record(data: bytes) -> bytes:
                    struct.pack("<I", masked_crc(data))))
 
 
+def framed_size(record: bytes) -> int:
+  """Bytes that one record takes in a TFRecord file (16 bytes of framing)."""
+  return len(record) + 16
+
+
 def encode_png(frame: np.ndarray) -> bytes:
   """uint8 (H, W) grayscale -> lossless PNG bytes."""
   if frame.dtype != np.uint8 or frame.ndim != 2:
@@ -46,10 +51,18 @@ def encode_png(frame: np.ndarray) -> bytes:
 
 
 class RecordEncoder:
-  """Builds and serializes schema records for one image size."""
+  """Builds and serializes schema records for one image size.
+
+  Serialization is deterministic (the Example's feature map in key order): the same record
+  is the same bytes in every process and on every runner (a proto map's default order is
+  not).
+  """
 
   def __init__(self, height: int, width: int):
+    from tensorflow_datasets.core import example_serializer  # pylint: disable=g-import-not-at-top
     self.features = schema.tfds_features(height, width)
+    self._serializer = example_serializer.ExampleSerializer(
+        self.features.get_serialized_info())
 
   def serialize(self, *, frames: list[bytes], frame_indices: list[int], timestamps: list[float],
                 anatomy_coarse: list[int], anatomy_fine: list[int], video: dict[str, Any],
@@ -63,7 +76,8 @@ class RecordEncoder:
         anatomy_coarse=np.asarray(anatomy_coarse, np.int64),
         anatomy_fine=np.asarray(anatomy_fine, np.int64),
         padded=padded)
-    return self.features.serialize_example(example)
+    proto = self._serializer.get_tf_example(self.features.encode_example(example))
+    return proto.SerializeToString(deterministic=True)
 
 
 def video_fields(*, label: int, label_name: str, video_id: str, patient: str, exam: str,
