@@ -5,7 +5,7 @@
       --num_workers 2
 
 Every argument is passed to ``python -m data_prep`` (``--overwrite`` is added: each run starts
-from scratch). Prints one JSON object: wall seconds of the whole build (input scan, decoding,
+from scratch); add ``--runner beam`` for the Beam DirectRunner. Prints one JSON object: wall seconds of the whole build (input scan, decoding,
 writing, merge), videos per minute, input MB/s (source files read), output MB/s (shards
 written), record counts, and the machine (CPU model, cores, Python, date) and command.
 """
@@ -53,9 +53,7 @@ def figures(report: dict, seconds: float) -> dict:
 
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  args = vars(cli.parser().parse_args(argv + ["--overwrite"]))
-  args["progress"] = not args.pop("no_progress")
-  input_path, output = args.pop("input"), args.pop("output")
+  input_path, output, args = cli.parse(argv + ["--overwrite"])
   t0 = time.perf_counter()
   report = pipeline.build(input_path, output, **args)
   seconds = time.perf_counter() - t0

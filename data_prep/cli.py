@@ -10,9 +10,11 @@ Examples:
       --patient_regex 'patient_(?P<patient>\\d+)_'
   # the same from the manifest (its 'file' column is the path, relative to the manifest)
   python -m data_prep --input /work/shared/data/manifest.csv --output /tmp/ds --clip_len 16
-  # four machines, then one merge (same options everywhere, shared --output)
-  python -m data_prep ... --salt S --num_tasks 4 --task_index 0   # ... 1, 2, 3
-  python -m data_prep ... --salt S --num_tasks 4 --merge
+  # as an Apache Beam pipeline (pip install -e '.[beam]'): DirectRunner on this machine ...
+  python -m data_prep --input /work/shared/data/covid_blues --output /tmp/ds --runner beam
+  # ... or a cluster, by Beam's own pipeline options (see data_prep/README.md)
+  python -m data_prep ... --salt S --runner beam --beam_options "--runner=FlinkRunner \
+      --flink_master=host:8081 --environment_type=PROCESS ..."
 
 Exit status: 0 all inputs written; 3 finished, but some inputs were rejected (the summary lists
 them); 1 the build failed or stopped (--strict, a bad option or input: the message says why);
@@ -28,6 +30,7 @@ from data_prep import config as config_lib
 from data_prep import report as report_lib
 
 EXIT_OK, EXIT_FAILED, EXIT_REJECTS = 0, 1, 3
+RETIRED_FLAGS = ("--task_index", "--num_tasks", "--merge")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -92,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
   g.add_argument("--salt", default=d.salt,
                  help="secret salt of the patient hash (HMAC-SHA256); default: a random salt "
                  "made per build and deleted when it finishes (hashes then differ between "
-                 "builds); required with --num_tasks > 1")
+                 "builds)")
   g.add_argument("--keep_patient_id", action="store_true",
                  help="store raw patient ids instead of salted hashes")
   g.add_argument("--keep_uids", action="store_true",
@@ -117,12 +120,16 @@ def parser() -> argparse.ArgumentParser:
                  help="seconds one video may take in a worker process before the worker is "
                  "stopped and the video rejected ('timeout'); 0: no limit; not applied with "
                  "--num_workers 0")
-  g.add_argument("--task_index", type=int, default=d.task_index,
-                 help="this machine's part, 0 .. num_tasks-1")
-  g.add_argument("--num_tasks", type=int, default=d.num_tasks,
-                 help="number of parts (machines); then run once more with --merge")
-  g.add_argument("--merge", action="store_true",
-                 help="merge the finished parts of --num_tasks tasks into the dataset")
+  g.add_argument("--runner", default=d.runner, choices=config_lib.RUNNERS,
+                 help="'local': worker processes on this machine (default; resumable); "
+                 "'beam': an Apache Beam pipeline (needs the [beam] extra), on the "
+                 "DirectRunner with --num_workers processes unless --beam_options names "
+                 "another runner")
+  g.add_argument("--beam_options", default=d.beam_options,
+                 help="Beam pipeline options as one string, e.g. \"--runner=FlinkRunner "
+                 "--flink_master=host:8081\" (see data_prep/README.md)")
+  for flag in RETIRED_FLAGS:  # the scheme --runner beam replaced: a clear error, not 'unknown'
+    g.add_argument(flag, nargs="?", const="", default=None, help=argparse.SUPPRESS)
   g.add_argument("--buffer_mb", type=float, default=d.buffer_mb,
                  help="per worker: a video whose needed frames fit is decoded once, a bigger "
                  "one twice")
@@ -132,22 +139,27 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+def parse(argv=None) -> tuple[str, str, dict]:
+  """(input, output, the keyword arguments of ``build``) from a command line."""
+  p = parser()
+  args = vars(p.parse_args(argv))
+  retired = [f for f in RETIRED_FLAGS if args.pop(f[2:]) is not None]
+  if retired:
+    p.error(f"{', '.join(retired)}: removed; to spread a build over machines, run it as a Beam "
+            "pipeline: --runner beam --beam_options '--runner=FlinkRunner ...' (see "
+            "data_prep/README.md)")
+  args["progress"] = not args.pop("no_progress")
+  return args.pop("input"), args.pop("output"), args
+
+
 def main(argv=None) -> int:
   """Run the CLI; returns the exit status."""
-  args = vars(parser().parse_args(argv))
-  args["progress"] = not args.pop("no_progress")
-  input_path, output = args.pop("input"), args.pop("output")
+  input_path, output, args = parse(argv)
   try:
     report = pipeline.build(input_path, output, **args)
   except (ValueError, pipeline.BuildError) as e:
     print(f"data_prep: error: {e}", file=sys.stderr)
     return EXIT_FAILED
-  if "counts" not in report:  # one task of several: its summary
-    r = report["run"]
-    print(f"data_prep: task {report['task_index']} of {report['num_tasks']} done: "
-          f"{report['videos']} videos ({r['written']} written, {r['rejected']} rejected this "
-          f"run); merge with --merge when all tasks are done")
-    return EXIT_REJECTS if r["rejected"] else EXIT_OK
   print(report_lib.summary_text(report), end="")
   return EXIT_REJECTS if report["counts"]["rejected"] else EXIT_OK
 

@@ -10,9 +10,13 @@ from data_prep import manifest
 from data_prep import sampling
 from data_prep import splits as splits_lib
 
-# Options that do not change what is written: a resumed or merging run may change them.
-RUN_ONLY = ("num_workers", "task_index", "merge", "strict", "overwrite", "progress", "salt",
-            "previews", "random_previews", "buffer_mb", "video_timeout")
+# Options that do not change what is written: a resumed run may change them.
+RUN_ONLY = ("num_workers", "strict", "overwrite", "progress", "salt", "previews",
+            "random_previews", "buffer_mb", "video_timeout", "runner", "beam_options")
+# Options of earlier versions (the --task_index/--num_tasks/--merge scheme, replaced by
+# --runner beam), still found in the metadata of datasets they made.
+RETIRED = ("task_index", "num_tasks", "merge")
+RUNNERS = ("local", "beam")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +48,8 @@ class BuildConfig:
   keep_uids: bool = False
   num_workers: int = -1                     # -1 = one per CPU core; 0 = in this process
   video_timeout: float = 1800.0             # s per video in a worker process; 0 = no limit
-  task_index: int = 0
-  num_tasks: int = 1
-  merge: bool = False
+  runner: str = "local"                     # 'local' (worker processes) | 'beam'
+  beam_options: str = ""                    # Beam pipeline options, e.g. '--runner=FlinkRunner'
   shard_mb: float = 200.0
   region_samples: int = 16
   buffer_mb: float = 256.0
@@ -100,12 +103,10 @@ class BuildConfig:
       raise ValueError(f"--size {self.size}: must be positive")
     if self.min_size < 1:
       raise ValueError(f"--min_size must be >= 1, got {self.min_size}")
-    if self.num_tasks < 1 or not 0 <= self.task_index < self.num_tasks:
-      raise ValueError(f"--task_index {self.task_index} / --num_tasks {self.num_tasks}: need "
-                       "0 <= task_index < num_tasks")
-    if self.num_tasks > 1 and not self.salt:
-      raise ValueError("--num_tasks > 1 needs --salt so that every task hashes patient ids and "
-                       "UIDs the same way")
+    if self.runner not in RUNNERS:
+      raise ValueError(f"--runner {self.runner!r} is not one of {RUNNERS}")
+    if self.beam_options and self.runner != "beam":
+      raise ValueError("--beam_options is for --runner beam")
     if not self.shard_mb > 0 or not self.buffer_mb > 0:
       raise ValueError("--shard_mb and --buffer_mb must be > 0")
     if not self.video_timeout >= 0:
@@ -159,7 +160,7 @@ class BuildConfig:
     return args
 
   def fingerprint(self) -> dict[str, Any]:
-    """The options that decide the content: a resumed or merging run must repeat them."""
+    """The options that decide the content: a resumed run must repeat them."""
     args = self.public_args()
     for k in RUN_ONLY:
       args.pop(k)

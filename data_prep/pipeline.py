@@ -1,20 +1,21 @@
-"""``build(input, output, **options)``: the data_prep pipeline, resumable and splittable.
+"""``build(input, output, **options)``: the data_prep pipeline, resumable, on two runners.
 
 Steps: read the input (``manifest``), decide every video's split (``splits``), patient hash,
-label id and frame labels; write records from worker processes (``worker``) into shard
-*pieces* under ``<dataset_dir>/.data_prep_work/``; then *merge*: account for every input,
-turn the pieces into the final TFDS shards (renamed, or concatenated when small: TFRecord files
-concatenate), write the report and the metadata, dataset_info.json last, and delete the work
-folder.
+label id and frame labels; write each video's records (``worker.encode_video``), then the
+TFDS shards, the report and the metadata, dataset_info.json last.
 
-Resume: the work folder keeps the options (``config.json``) and one journal per worker and run.
-A re-run with the same options skips every video already committed to a piece, deletes
+``runner='local'`` (default): worker processes on this machine write the records into shard
+*pieces* under ``<dataset_dir>/.data_prep_work/``; then *merge*: account for every input,
+turn the pieces into the final shards (renamed, or concatenated when small: TFRecord files
+concatenate), and ``finish``. A worker process that dies (a decoder crash) has its video
+rejected (reason ``crash``); the videos it had not committed yet are redone.
+
+Resume (local): the work folder keeps the options (``config.json``) and one journal per worker
+and run. A re-run with the same options skips every video already committed to a piece, deletes
 leftover partial pieces and finishes; a re-run of a finished build returns its report.
 
-Several machines: ``--task_index i --num_tasks n`` builds the i-th part (every n-th video) into
-the same output folder (shared, or copied together afterwards), then one run with ``--merge``
-(and the same options) makes the dataset. A worker process that dies (a decoder crash) has its
-video rejected (reason ``crash``); the videos it had not committed yet are redone.
+``runner='beam'``: the same steps as an Apache Beam pipeline (``data_prep.beam_pipeline``),
+for builds beyond one machine; it calls the same per-video function, writer and ``finish``.
 """
 from __future__ import annotations
 
@@ -76,15 +77,11 @@ class WorkDir:
   def journals(self):
     return os.path.join(self.root, "journals")
 
-  @property
-  def tasks(self):
-    return os.path.join(self.root, "tasks")
-
   def file(self, name: str) -> str:
     return os.path.join(self.root, name)
 
   def make(self) -> None:
-    for d in (self.pieces, self.journals, self.tasks):
+    for d in (self.pieces, self.journals):
       os.makedirs(d, exist_ok=True)
 
 
@@ -126,8 +123,17 @@ def preview_positions(num: int, first: int, random: int, seed: int) -> set[int]:
   return set(range(min(first, num))) | {int(i) for i in picked}
 
 
-def prepare(cfg: config_lib.BuildConfig, salt: bytes) -> Prepared:
-  """Read the input and decide each video's split, patient field, label id and frame labels."""
+@dataclasses.dataclass
+class Listing:
+  """The input as read: entries (UIDs redacted unless --keep_uids) and their frame labels."""
+  inputs: manifest.Inputs
+  labels_of: list                               # per entry: frame-label arrays or None
+  coarse_names: tuple[str, ...]
+  fine_names: tuple[str, ...]
+
+
+def list_inputs(cfg: config_lib.BuildConfig, salt: bytes) -> Listing:
+  """Read the input folder or manifest and the frame labels (the first step of every runner)."""
   inputs = read_inputs(cfg)
   frame_labels = manifest.read_frame_labels(cfg.frame_labels) if cfg.frame_labels else None
   if frame_labels is not None:
@@ -136,12 +142,21 @@ def prepare(cfg: config_lib.BuildConfig, salt: bytes) -> Prepared:
                for e in inputs.entries]  # by the ids the frame-label CSV uses
   if not cfg.keep_uids:
     inputs.entries = [manifest.redact_entry(e, salt) for e in inputs.entries]
+  return Listing(inputs=inputs, labels_of=labels_of,
+                 coarse_names=frame_labels.coarse_names if frame_labels else (),
+                 fine_names=frame_labels.fine_names if frame_labels else ())
+
+
+def make_jobs(cfg: config_lib.BuildConfig, listing: Listing, split_of: dict[str, str],
+              salt: bytes) -> Prepared:
+  """One job per usable entry, given each one's split (``decide_splits``): label ids, patient
+  field and previews decided."""
+  inputs = listing.inputs
   label_names = tuple(sorted({e.label for e in inputs.entries} - {""}))
   label_id = {n: i for i, n in enumerate(label_names)}
-  split_of = decide_splits(cfg, inputs.entries)
   if any(e.split for e in inputs.entries) and cfg.splits != splits_lib.DEFAULT_SPLITS:
     inputs.warnings.append(f"--splits {cfg.splits} not used: the manifest has a split column")
-  usable = [(e, fl) for e, fl in zip(inputs.entries, labels_of) if not e.reject]
+  usable = [(e, fl) for e, fl in zip(inputs.entries, listing.labels_of) if not e.reject]
   previews = preview_positions(len(usable), cfg.previews, cfg.random_previews, cfg.seed)
   jobs = []
   for pos, (e, fl) in enumerate(usable):
@@ -155,9 +170,14 @@ def prepare(cfg: config_lib.BuildConfig, salt: bytes) -> Prepared:
     h.update(json.dumps([e.video_id, e.path, e.reject, split_of.get(e.video_id, ""),
                          e.label]).encode())
   return Prepared(inputs=inputs, jobs=jobs, label_names=label_names,
-                  coarse_names=frame_labels.coarse_names if frame_labels else (),
-                  fine_names=frame_labels.fine_names if frame_labels else (),
+                  coarse_names=listing.coarse_names, fine_names=listing.fine_names,
                   digest=h.hexdigest())
+
+
+def prepare(cfg: config_lib.BuildConfig, salt: bytes) -> Prepared:
+  """Read the input and decide each video's split, patient field, label id and frame labels."""
+  listing = list_inputs(cfg, salt)
+  return make_jobs(cfg, listing, decide_splits(cfg, listing.inputs.entries), salt)
 
 
 # -------------------------------------------------------------------------------- work dir
@@ -173,34 +193,57 @@ def resolve_salt(cfg: config_lib.BuildConfig, work: WorkDir) -> bytes:
     return f.read().strip().encode("utf-8")
 
 
-def check_work_config(cfg: config_lib.BuildConfig, work: WorkDir, salt: bytes,
-                      digest: str) -> None:
-  """Record the options in the work folder, or check that they match the unfinished build."""
+def start_work(cfg: config_lib.BuildConfig, work: WorkDir, salt: bytes, digest: str | None,
+               runner: str) -> None:
+  """Record the options in the work folder, or check that they match the unfinished build.
+
+  A local run resumes an unfinished local build. A Beam run, or a local run over an unfinished
+  Beam run, starts again (keeping the build's salt): a Beam pipeline does not resume, and its
+  leftovers (shards renamed before it was stopped) are deleted, not trusted. ``digest`` (the
+  input's videos and decisions) is known before a local run only; None for Beam.
+  """
   want = {"fingerprint": cfg.fingerprint(), "input_digest": digest,
-          "salt_check": config_lib.salt_digest(salt)}
+          "salt_check": config_lib.salt_digest(salt), "runner": runner}
   path = work.file("config.json")
-  if not os.path.exists(path):
-    writer_lib.write_json_atomic(path, want)
-  with open(path, encoding="utf-8") as f:
-    have = json.load(f)
-  if have != want:
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      have = json.load(f)
+    have.setdefault("runner", "local")  # work folders of earlier versions
     diff = sorted(k for k in set(have["fingerprint"]) | set(want["fingerprint"])
                   if have["fingerprint"].get(k) != want["fingerprint"].get(k))
-    if have["input_digest"] != want["input_digest"]:
+    if None not in (digest, have["input_digest"]) and have["input_digest"] != digest:
       diff.append("the input's videos")
     if have["salt_check"] != want["salt_check"]:
       diff.append("--salt")
-    raise BuildError(f"{cfg.dataset_dir} holds an unfinished build with other options "
-                     f"(differ: {', '.join(diff)}): re-run it with its options to finish it, or "
-                     "pass --overwrite to start again")
+    if diff:
+      raise BuildError(f"{cfg.dataset_dir} holds an unfinished build with other options "
+                       f"(differ: {', '.join(diff)}): re-run it with its options to finish it, "
+                       "or pass --overwrite to start again")
+    if "beam" not in (runner, have["runner"]):
+      return
+    for name in os.listdir(cfg.dataset_dir):
+      if name != WORK:
+        _remove(os.path.join(cfg.dataset_dir, name))
+    for name in os.listdir(work.root):
+      if name != "salt":
+        _remove(work.file(name))
+  work.make()
+  writer_lib.write_json_atomic(path, want)
 
 
-def read_events(work: WorkDir, task: int | None = None) -> list[tuple[str, dict]]:
-  """(journal file, event) of all journals, or of one task's, in file order."""
+def _remove(path: str) -> None:
+  if os.path.isdir(path):
+    shutil.rmtree(path)
+  else:
+    os.remove(path)
+
+
+def read_events(work: WorkDir) -> list[tuple[str, dict]]:
+  """(journal file, event) of all journals, in file order."""
   out = []
   for name in sorted(os.listdir(work.journals)):
     m = _JOURNAL.match(name)
-    if m and (task is None or int(m.group("task")) == task):
+    if m:
       out.extend((name, ev) for ev in worker_lib.read_journal(os.path.join(work.journals, name)))
   return out
 
@@ -227,21 +270,21 @@ def outcomes(events) -> tuple[dict[str, dict], list[dict]]:
   return final, pieces
 
 
-def clean_task_leftovers(work: WorkDir, task: int, committed: set[str]) -> list[str]:
-  """Delete this task's partial pieces (.tmp, or never committed); returns their names."""
+def clean_leftovers(work: WorkDir, committed: set[str]) -> list[str]:
+  """Delete partial pieces (.tmp, or never committed); returns their names."""
   removed = []
   for name in sorted(os.listdir(work.pieces)):
     m = _PIECE.match(name)
-    if m and int(m.group("task")) == task and (name.endswith(".tmp") or name not in committed):
+    if m and (name.endswith(".tmp") or name not in committed):
       os.remove(os.path.join(work.pieces, name))
       removed.append(name)
   return removed
 
 
-def next_attempt(work: WorkDir, task: int) -> int:
-  """1 + the highest attempt number of this task's journals."""
+def next_attempt(work: WorkDir) -> int:
+  """1 + the highest attempt number of the journals."""
   attempts = [int(m.group("attempt")) for n in os.listdir(work.journals)
-              if (m := _JOURNAL.match(n)) and int(m.group("task")) == task]
+              if (m := _JOURNAL.match(n))]
   return max(attempts, default=0) + 1
 
 
@@ -426,20 +469,20 @@ def run_in_workers(wcfg: worker_lib.WorkerConfig, jobs, num_workers: int, tracke
       w.results.close()
 
 
-def run_task(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir) -> dict:
-  """Write this task's videos (resuming); returns the task summary written to tasks/."""
+def run_local(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir) -> dict:
+  """Write the videos not yet committed (resuming) with local worker processes; returns the
+  run summary."""
   t0 = time.time()
-  task = cfg.task_index
-  mine = [j for i, j in enumerate(prep.jobs) if i % cfg.num_tasks == task]
-  final, pieces = outcomes(read_events(work, task))
+  mine = prep.jobs
+  final, pieces = outcomes(read_events(work))
   committed = {p["piece"] for p in pieces}
-  removed = clean_task_leftovers(work, task, committed)
+  removed = clean_leftovers(work, committed)
   todo = [j for j in mine if final.get(j.entry.video_id, {}).get("status") != "written"]
-  attempt = next_attempt(work, task)
+  attempt = next_attempt(work)
   wcfg = worker_lib.WorkerConfig(
       pieces_dir=work.pieces, journal_dir=work.journals,
       preview_dir=os.path.join(cfg.dataset_dir, REPORT, "previews"),
-      prefix=f"t{task:05d}-a{attempt:03d}", image_size=cfg.size, sampling=cfg.sampling,
+      prefix=f"t00000-a{attempt:03d}", image_size=cfg.size, sampling=cfg.sampling,
       min_size=cfg.min_size, region_samples=cfg.region_samples, shard_bytes=cfg.shard_bytes,
       buffer_bytes=int(cfg.buffer_mb * 2**20))
   os.makedirs(wcfg.preview_dir, exist_ok=True)
@@ -454,27 +497,30 @@ def run_task(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir) -> dict
     tracker.close()
   if tracker.failure:
     raise BuildError(tracker.failure)
-  final, _ = outcomes(read_events(work, task))
+  final, _ = outcomes(read_events(work))
   missing = [j.entry.source for j in mine if j.entry.video_id not in final]
   if missing:
-    raise BuildError(f"task {task}: {len(missing)} videos were not finished (e.g. "
+    raise BuildError(f"{len(missing)} videos were not finished (e.g. "
                      f"{missing[0]}) after a worker crash; re-run the same command to resume")
   seconds = max(time.time() - t0, 1e-9)
   c = tracker.counts
-  summary = {"task_index": task, "num_tasks": cfg.num_tasks, "videos": len(mine),
-             "resumed_from": len(mine) - len(todo), "leftover_pieces_removed": len(removed),
-             "run": {"videos": len(todo), "seconds": round(seconds, 3), "workers": num_workers,
-                     "written": c["written"], "rejected": c["rejected"], "records": c["records"],
-                     "output_bytes": c["bytes"], "input_bytes": c["input_bytes"],
-                     "videos_per_minute": round(60 * len(todo) / seconds, 2),
-                     "input_mb_per_s": round(c["input_bytes"] / 2**20 / seconds, 3),
-                     "output_mb_per_s": round(c["bytes"] / 2**20 / seconds, 3)}}
-  writer_lib.write_json_atomic(os.path.join(work.tasks, task_file(task, cfg.num_tasks)), summary)
-  return summary
+  return run_summary("local", len(mine), len(mine) - len(todo), len(removed), num_workers,
+                     seconds, c)
 
 
-def task_file(task: int, num_tasks: int) -> str:
-  return f"task-{task:05d}-of-{num_tasks:05d}.json"
+def run_summary(runner: str, videos: int, resumed_from: int, leftovers: int, workers: int,
+                seconds: float, c) -> dict:
+  """The report's record of the run that finished a build: its throughput."""
+  ran = videos - resumed_from
+  seconds = max(seconds, 1e-9)
+  return {"runner": runner, "videos": videos, "resumed_from": resumed_from,
+          "leftover_pieces_removed": leftovers,
+          "run": {"videos": ran, "seconds": round(seconds, 3), "workers": workers,
+                  "written": c["written"], "rejected": c["rejected"], "records": c["records"],
+                  "output_bytes": c["bytes"], "input_bytes": c["input_bytes"],
+                  "videos_per_minute": round(60 * ran / seconds, 2),
+                  "input_mb_per_s": round(c["input_bytes"] / 2**20 / seconds, 3),
+                  "output_mb_per_s": round(c["bytes"] / 2**20 / seconds, 3)}}
 
 
 # ----------------------------------------------------------------------------------- merge
@@ -493,15 +539,20 @@ def plan_shards(pieces: list[dict], shard_bytes: int) -> list[list[dict]]:
   return groups
 
 
+def split_order(cfg: config_lib.BuildConfig, splits) -> list[str]:
+  """The splits in --splits order; others (a manifest's) after, sorted."""
+  order = list(splits_lib.parse_fractions(cfg.splits))
+  return sorted(splits, key=lambda s: (order.index(s) if s in order else len(order), s))
+
+
 def make_merge_plan(cfg: config_lib.BuildConfig, pieces: list[dict]) -> dict:
   """split -> list of {'shard', 'pieces', 'records', 'bytes'}; splits in --splits order (others
-  after, sorted), pieces sorted by name (task, run, worker, sequence)."""
+  after, sorted), pieces sorted by name (run, worker, sequence)."""
   by_split = collections.defaultdict(list)
   for p in sorted(pieces, key=lambda p: p["piece"]):
     by_split[p["split"]].append(p)
-  order = list(splits_lib.parse_fractions(cfg.splits))
   plan = {}
-  for split in sorted(by_split, key=lambda s: (order.index(s) if s in order else len(order), s)):
+  for split in split_order(cfg, by_split):
     groups = plan_shards(by_split[split], cfg.shard_bytes)
     plan[split] = [{"shard": dataset_lib.shard_name(cfg.name, split, i, len(groups)),
                     "pieces": [p["piece"] for p in g],
@@ -534,14 +585,9 @@ def execute_merge_plan(plan: dict, work: WorkDir, dataset_dir: str) -> None:
           os.remove(src)
 
 
-def merge(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir, salt: bytes) -> dict:
-  """Check that every input is accounted for, make the shards, report, metadata; finish."""
-  missing_tasks = [t for t in range(cfg.num_tasks)
-                   if not os.path.exists(os.path.join(work.tasks, task_file(t, cfg.num_tasks)))]
-  if missing_tasks:
-    raise BuildError(f"cannot merge: tasks {missing_tasks} of {cfg.num_tasks} have not finished "
-                     f"(no {work.tasks}/{task_file(missing_tasks[0], cfg.num_tasks)}); run them "
-                     "with --task_index first")
+def merge(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir, salt: bytes,
+          run: dict) -> dict:
+  """Check that every input is accounted for, turn the pieces into shards, finish."""
   final, pieces = outcomes(read_events(work))
   wanted = {j.entry.video_id for j in prep.jobs}
   stray = sorted(set(final) - wanted)
@@ -549,7 +595,7 @@ def merge(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir, salt: byte
   if stray or lost:
     raise BuildError(f"cannot merge: the work folder does not match the input ({len(lost)} "
                      f"videos without a result, e.g. {lost[:2]}; {len(stray)} unknown, e.g. "
-                     f"{stray[:2]}); re-run the tasks, or --overwrite")
+                     f"{stray[:2]}); re-run, or --overwrite")
   plan_path = work.file("merge_plan.json")
   if os.path.exists(plan_path):
     with open(plan_path, encoding="utf-8") as f:
@@ -558,11 +604,14 @@ def merge(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir, salt: byte
     plan = make_merge_plan(cfg, pieces)
     writer_lib.write_json_atomic(plan_path, plan)
   execute_merge_plan(plan, work, cfg.dataset_dir)
-  tasks = []
-  for t in range(cfg.num_tasks):
-    with open(os.path.join(work.tasks, task_file(t, cfg.num_tasks)), encoding="utf-8") as f:
-      tasks.append(json.load(f))
-  report = report_lib.make_report(cfg, prep, final, plan, tasks)
+  return finish(cfg, prep, final, plan, run, salt, work)
+
+
+def finish(cfg: config_lib.BuildConfig, prep: Prepared, final: dict, plan: dict, run: dict,
+           salt: bytes, work: WorkDir) -> dict:
+  """With every shard of ``plan`` in place: the report, the metadata, dataset_info.json last;
+  then delete the work folder. The same for every runner."""
+  report = report_lib.make_report(cfg, prep, final, plan, [run])
   if not cfg.keep_uids:
     report = manifest.redact_tree(report, salt)
   report_dir = os.path.join(cfg.dataset_dir, REPORT)
@@ -597,7 +646,8 @@ def _finished(cfg: config_lib.BuildConfig) -> dict | None:
     return None
   with open(os.path.join(cfg.dataset_dir, "metadata.json"), encoding="utf-8") as f:
     args = json.load(f).get("args", {})
-  have = {k: v for k, v in args.items() if k not in config_lib.RUN_ONLY and k != "output"}
+  have = {k: v for k, v in args.items()
+          if k not in config_lib.RUN_ONLY + config_lib.RETIRED and k != "output"}
   if have != cfg.fingerprint():
     raise BuildError(f"{cfg.dataset_dir} is a finished dataset made with other options: pass "
                      "--overwrite to replace it, or choose another --output/--name/--version")
@@ -609,19 +659,22 @@ def _finished(cfg: config_lib.BuildConfig) -> dict | None:
 
 
 def build(input, output, **options) -> dict:  # pylint: disable=redefined-builtin
-  """Build (or resume, or merge) a dataset; returns the report dict.
+  """Build (or resume) a dataset; returns the report dict.
 
   Args:
     input: a folder of videos or a manifest CSV.
     output: the output folder; the dataset goes to ``<output>/<name>/<version>/``.
     **options: the CLI options by name (see ``python -m data_prep --help``), e.g.
-      ``fps=3``, ``size=(128, 128)``, ``splits="train=0.8,val=0.2"``, ``num_workers=0``.
+      ``fps=3``, ``size=(128, 128)``, ``splits="train=0.8,val=0.2"``, ``num_workers=0``,
+      ``runner="beam"``.
 
-  With ``num_tasks > 1`` and no ``merge``, only task ``task_index`` is built and its summary
-  returned; ``merge=True`` then makes the dataset. Raises ValueError for bad options or input
-  and BuildError when the build cannot finish (including --strict rejections).
+  Raises ValueError for bad options or input and BuildError when the build cannot finish
+  (including --strict rejections).
   """
   cfg = config_lib.BuildConfig.create(input, output, **options)
+  if cfg.runner == "beam":
+    from data_prep import beam_pipeline  # pylint: disable=g-import-not-at-top
+    beam_pipeline.require_beam()  # before touching the output
   if cfg.overwrite and os.path.isdir(cfg.dataset_dir):
     shutil.rmtree(cfg.dataset_dir)
   report = _finished(cfg)
@@ -634,10 +687,9 @@ def build(input, output, **options) -> dict:  # pylint: disable=redefined-builti
   work = WorkDir(os.path.join(cfg.dataset_dir, WORK))
   work.make()
   salt = resolve_salt(cfg, work)
+  if cfg.runner == "beam":
+    start_work(cfg, work, salt, None, "beam")
+    return beam_pipeline.build(cfg, work, salt)
   prep = prepare(cfg, salt)
-  check_work_config(cfg, work, salt, prep.digest)
-  if not cfg.merge:
-    summary = run_task(cfg, prep, work)
-    if cfg.num_tasks > 1:
-      return summary
-  return merge(cfg, prep, work, salt)
+  start_work(cfg, work, salt, prep.digest, "local")
+  return merge(cfg, prep, work, salt, run_local(cfg, prep, work))

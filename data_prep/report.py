@@ -4,8 +4,8 @@
 ignored, records, bytes), ``rejected_by_reason``, ``splits`` (videos, patients, records, shards,
 bytes, videos per label), ``files`` (one row per input in input order: written with its shard,
 record count, frames, bytes, scan-area box, or rejected with reason and message), ``ignored``
-(folder files that are not videos), ``dropped_columns``, ``warnings``, ``tasks`` (per task: the
-invocation that finished it, with videos per minute and MB/s) and ``args``. ``summary.txt`` is
+(folder files that are not videos), ``dropped_columns``, ``warnings``, ``tasks`` (the run that
+finished the build: its runner, videos per minute and MB/s) and ``args``. ``summary.txt`` is
 the human version; ``python -m data_prep`` prints it.
 """
 from __future__ import annotations
@@ -116,7 +116,7 @@ def summary_text(report: dict) -> str:
                  f"({len(report['previews'])})")
   for t in report["tasks"]:
     r = t["run"]
-    lines.append(f"task {t['task_index']}/{t['num_tasks']}: last run {r['videos']} videos in "
+    lines.append(f"last run ({t.get('runner', 'local')}): {r['videos']} videos in "
                  f"{r['seconds']:.1f} s: {r['videos_per_minute']:.1f} videos/min, "
                  f"{r['input_mb_per_s']:.2f} MB/s in, {r['output_mb_per_s']:.2f} MB/s out")
   return "\n".join(lines) + "\n"

@@ -264,7 +264,7 @@ def test_dicom_uid_names_never_reach_the_output(tmp_path):
       assert b"3680043" not in open(path, "rb").read(), path
 
 
-def test_tasks_then_merge_and_two_pass_decoding_equal_one_run(tmp_path):
+def test_two_pass_decoding_equals_one_pass(tmp_path):
   src = str(tmp_path / "in")
   make_folder(src, frames=(6, 7, 8, 6, 7, 8))
   opts = dict(every=2, size=16, patient_regex=REGEX, salt="s", num_workers=0, progress=False,
@@ -275,21 +275,24 @@ def test_tasks_then_merge_and_two_pass_decoding_equal_one_run(tmp_path):
                    r["frames"][0].tobytes()) for _, s, r in read_records(ddir))
 
   one = str(tmp_path / "one")
-  pipeline.build(src, one, **opts)
-  many = str(tmp_path / "many")
-  summary = pipeline.build(src, many, task_index=1, num_tasks=2, **opts)
-  assert summary["videos"] == 3 and summary["run"]["written"] == 3
-  with pytest.raises(pipeline.BuildError, match=r"tasks \[0\] of 2"):
-    pipeline.build(src, many, num_tasks=2, merge=True, **opts)
-  pipeline.build(src, many, task_index=0, num_tasks=2, **opts)
-  report = pipeline.build(src, many, num_tasks=2, merge=True, **opts)
-  assert report["counts"]["written"] == 6 and len(report["tasks"]) == 2
+  report = pipeline.build(src, one, **opts)
+  assert report["counts"]["written"] == 6
+  (run,) = report["tasks"]
+  assert run["runner"] == "local" and run["run"]["videos"] == 6
   want = contents(os.path.join(one, "ultrasound", "1.0.0"))
-  assert contents(os.path.join(many, "ultrasound", "1.0.0")) == want
+  assert len(want) == 3 + 4 + 4 + 3 + 4 + 4  # ceil(n / 2) records of n = 6, 7, 8, 6, 7, 8
   # videos too big for the frame buffer are decoded twice, with the same result
   twice = str(tmp_path / "twice")
   pipeline.build(src, twice, buffer_mb=1e-6, **opts)
   assert contents(os.path.join(twice, "ultrasound", "1.0.0")) == want
+
+
+def test_the_retired_task_flags_say_what_replaced_them(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--input", "x", "--output", "y", "--num_tasks", "4", "--task_index", "1"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert "--task_index, --num_tasks: removed" in err and "--runner beam" in err
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "covid_blues")),

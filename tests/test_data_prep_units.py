@@ -360,9 +360,8 @@ def test_config_checks_options(tmp_path):
   assert config_lib.BuildConfig.create(inp, "o", size=(64, 32)).size == (64, 32)
   assert config_lib.BuildConfig.create(inp, "o").sampling.mode == "all"
   assert "s3cret" not in str(config_lib.BuildConfig.create(inp, "o", salt="s3cret").public_args())
-  bad = [(dict(fps=3, every=2), "mutually exclusive"), (dict(num_tasks=2), "--salt"),
-         (dict(num_tasks=2, keep_patient_id=True), "--salt"),
-         (dict(task_index=2, num_tasks=2, salt="s"), "task_index"),
+  bad = [(dict(fps=3, every=2), "mutually exclusive"), (dict(runner="spark"), "--runner"),
+         (dict(beam_options="--runner=FlinkRunner"), "--beam_options is for --runner beam"),
          (dict(size=(1, 2, 3)), "--size"), (dict(name="a-b"), "--name"),
          (dict(label_rule="folder"), "--label_rule"), (dict(splits="train=2"), "--splits")]
   for kw, message in bad:
