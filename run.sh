@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # ssl_us entry point. The first run creates .venv and installs the package with its test extras.
 #   ./run.sh                 demo: synthetic data -> shards -> SimCLR pretraining -> linear probe
-#   ./run.sh test [ARGS]     the test suite (pytest ARGS)
-#   ./run.sh prep ARGS       python -m data_prep ARGS
+#   ./run.sh test [ARGS]     the test suite (pytest ARGS; installs the beam extra too)
+#   ./run.sh prep ARGS       python -m data_prep ARGS (with --runner beam: installs the beam extra)
 #   ./run.sh pretrain ARGS   python -m ssl_us.main ARGS
 #   ./run.sh finetune ARGS   python -m ssl_us.finetune ARGS
 #   ./run.sh sweep ARGS      python -m ssl_us.sweep ARGS
@@ -29,8 +29,10 @@ cmd=${1:-demo}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   demo)     ensure_env test; exec "$PY" -m ssl_us.demo "$@" ;;
-  test)     ensure_env test; exec "$PY" -m pytest -q -n 2 --dist loadfile tests "$@" ;;
-  prep)     ensure_env test; exec "$PY" -m data_prep "$@" ;;
+  test)     ensure_env "test,beam"; exec "$PY" -m pytest -q -n 2 --dist loadfile tests "$@" ;;
+  prep)     if [[ " $* " == *" --runner beam "* || " $* " == *" --runner=beam "* ]]; then
+              ensure_env "test,beam"; else ensure_env test; fi
+            exec "$PY" -m data_prep "$@" ;;
   pretrain) ensure_env test; exec "$PY" -m ssl_us.main "$@" ;;
   finetune) ensure_env test; exec "$PY" -m ssl_us.finetune "$@" ;;
   sweep)    ensure_env test; exec "$PY" -m ssl_us.sweep "$@" ;;

@@ -36,5 +36,8 @@ setup(
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
         # PyTorch only for the side-by-side benchmark (CPU build).
         "bench": ["torch==2.13.0"],
+        # data_prep --runner beam. Beam 2.60+ allows protobuf 6 (TF 2.18-2.21 need >= 5.28 /
+        # 6.31), numpy 2 and pyarrow < 26 (tensorflow-datasets takes any).
+        "beam": ["apache-beam>=2.60,<3"],
     },
 )
