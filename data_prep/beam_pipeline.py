@@ -9,11 +9,15 @@ The steps, each a Beam transform:
                 manifest's split column wins, as on the local runner
   Decide        label ids, patient hashes, previews: one job per video (``pipeline.make_jobs``)
   EncodeVideo   the per-video work, spread over the workers: ``worker.encode_video``, the
-                function the local worker processes call; a video that raises is a reject
+                function the local worker processes call, writing the video's records
+                through ``writer.ShardWriter`` into a file of this attempt; a video that
+                raises is a reject. Only (position, audit, file) goes on: the shuffles
+                carry a few hundred bytes per video, never the records
   PlanShards    the written videos of each split, in input order, cut into shards of balanced
                 size (about --shard_mb, never splitting a video)
-  WriteShard    one shard per key, through ``writer.ShardWriter`` into a folder of its own
-                attempt (a retried bundle writes a new folder: nothing is appended twice)
+  WriteShard    one shard per key: its videos' record files concatenated in input order
+                into a folder of its own attempt (a retried bundle writes a new folder:
+                nothing is appended twice)
   Finalize      one element, after every shard: the attempts' shards renamed to their TFDS
                 names, then ``pipeline.finish``: report, metadata, dataset_info.json last
 
@@ -33,6 +37,7 @@ import collections
 import math
 import os
 import shlex
+import shutil
 import time
 import uuid
 
@@ -136,38 +141,51 @@ def _decide(listing, cfg, salt, split_of):
   return pipeline.make_jobs(cfg, listing, dict(split_of), salt)
 
 
-def _encode(element, wcfg):
-  """(position, job) -> (position, split, audit, records); a rejected video has no records."""
+def _encode(element, wcfg, videos_dir):
+  """(position, job) -> (position, split, audit, path): the video's records, framed as in a
+  shard, in a file of this attempt (a retried bundle writes a new one); no file for a reject.
+  Only this small tuple travels through the runner's shuffle, not the records."""
   from apache_beam.metrics import Metrics  # pylint: disable=g-import-not-at-top
   pos, job = element
-  records = []
-  audit = worker_lib.encode_video(wcfg, job, records.append)
+  path = os.path.join(videos_dir, f"{pos:07d}.{uuid.uuid4().hex}.tfrecord")
+  out = writer_lib.ShardWriter(path)
+  audit = worker_lib.encode_video(wcfg, job, out.write)
   Metrics.counter("data_prep", f"videos_{audit['status']}").inc()
   if audit["status"] != "written":
-    records = []
-  return pos, job.split, audit, records
+    out.discard()
+    return pos, job.split, audit, None
+  records, nbytes = out.commit()
+  if (records, nbytes) != (audit["records"], audit["bytes"]):  # the audit is what the plan uses
+    raise RuntimeError(f"{job.entry.source}: wrote {records} records of {nbytes} bytes, its "
+                       f"audit says {audit['records']} of {audit['bytes']}")
+  return pos, job.split, audit, path
 
 
 def _to_shard(result, plan):
-  """Key a written video by its shard (the shards of a split hold consecutive positions)."""
-  pos, split, _, records = result
+  """Key a written video's file by its shard (a split's shards hold consecutive positions)."""
+  pos, split, _, path = result
   i = bisect.bisect_right([s["positions"][0] for s in plan[split]], pos) - 1
   assert pos in plan[split][i]["positions"], (pos, split)
-  return (split, i), (pos, records)
+  return (split, i), (pos, path)
 
 
 def _write_shard(keyed, plan, attempts_dir):
-  """One shard, in input order, into a fresh folder of this attempt; its file and sizes."""
+  """One shard: its videos' files concatenated in input order into a fresh folder of this
+  attempt (fsync'ed, then renamed from a temporary name); its path and size."""
   (split, i), videos = keyed
   want = plan[split][i]
   path = os.path.join(attempts_dir, uuid.uuid4().hex, want["shard"])
   os.makedirs(os.path.dirname(path))
-  shard = writer_lib.ShardWriter(path)
-  for _, records in sorted(videos, key=lambda v: v[0]):
-    for r in records:
-      shard.write(r)
-  records, nbytes = shard.commit()
-  return {"shard": want["shard"], "path": path, "records": records, "bytes": nbytes}
+  videos = sorted(videos)
+  with open(path + ".tmp", "wb") as out:
+    for _, src in videos:
+      with open(src, "rb") as f:
+        shutil.copyfileobj(f, out, 1 << 22)
+    out.flush()
+    os.fsync(out.fileno())
+  os.replace(path + ".tmp", path)
+  return {"shard": want["shard"], "path": path, "positions": [p for p, _ in videos],
+          "bytes": os.path.getsize(path)}
 
 
 def _finalize(_, cfg, salt, t0, workers, prep, audits, written, plan):
@@ -193,9 +211,11 @@ def _finalize(_, cfg, salt, t0, workers, prep, audits, written, plan):
       for s in shards:
         dest = os.path.join(cfg.dataset_dir, s["shard"])
         got = path_of.get(s["shard"])
-        if got is None or got["bytes"] != s["bytes"] or got["records"] != s["records"]:
-          raise pipeline.BuildError(f"shard {s['shard']}: written {got}, planned {s['records']} "
-                                    f"records of {s['bytes']} bytes")
+        if (got is None or got["positions"] != s["positions"] or got["bytes"] != s["bytes"]):
+          raise pipeline.BuildError(
+              f"shard {s['shard']}: written {got and len(got['positions'])} videos, "
+              f"{got and got['bytes']} bytes; planned {len(s['positions'])} videos, "
+              f"{s['bytes']} bytes")
         if os.path.exists(got["path"]):  # else a retried Finalize moved it already
           os.replace(got["path"], dest)
         if os.path.getsize(dest) != s["bytes"]:
@@ -224,6 +244,7 @@ def build(cfg: config_lib.BuildConfig, work: pipeline.WorkDir, salt: bytes) -> d
       image_size=cfg.size, sampling=cfg.sampling, min_size=cfg.min_size,
       region_samples=cfg.region_samples, shard_bytes=cfg.shard_bytes,
       buffer_bytes=int(cfg.buffer_mb * 2**20))
+  os.makedirs(work.file("videos"), exist_ok=True)
   options = pipeline_options(cfg)
   direct = options.view_as(beam.options.pipeline_options.DirectOptions)
   workers = direct.direct_num_workers if options.view_as(
@@ -245,7 +266,7 @@ def build(cfg: config_lib.BuildConfig, work: pipeline.WorkDir, salt: bytes) -> d
     results = (prep
                | "Jobs" >> beam.FlatMap(lambda pr: list(enumerate(pr.jobs)))
                | "Spread" >> beam.Reshuffle()
-               | "EncodeVideo" >> beam.Map(_encode, wcfg))
+               | "EncodeVideo" >> beam.Map(_encode, wcfg, work.file("videos")))
     plan = (results
             | "Sizes" >> beam.FlatMap(lambda r: [(r[0], r[1], r[2]["bytes"], r[2]["records"])]
                                       if r[2]["status"] == "written" else [])

@@ -142,6 +142,27 @@ def test_a_failed_pipeline_leaves_nothing_complete_and_its_rerun_completes(tmp_p
   assert_same_build(str(tmp_path / "local" / "ultrasound" / "1.0.0"), ddir, local, report)
 
 
+def test_a_shard_that_lost_a_video_is_refused(tmp_path, monkeypatch):
+  """If the runner hands WriteShard fewer videos than planned, Finalize refuses the build."""
+  src = str(tmp_path / "in")
+  make_folder(src, frames=(6, 7, 8, 6))
+  out = str(tmp_path / "out")
+  write_shard = beam_pipeline._write_shard
+
+  def lossy(keyed, plan, attempts_dir):
+    key, videos = keyed
+    return write_shard((key, sorted(videos)[:-1]), plan, attempts_dir)
+
+  monkeypatch.setattr(beam_pipeline, "_write_shard", lossy)
+  with pytest.raises(pipeline.BuildError, match=r"written \d+ videos, .* planned \d+ videos"):
+    pipeline.build(src, out, runner="beam", num_workers=0, **OPTS)
+  ddir = os.path.join(out, "ultrasound", "1.0.0")
+  with pytest.raises(dataset_lib.IncompleteDatasetError):
+    dataset_lib.require_complete(ddir)
+  monkeypatch.setattr(beam_pipeline, "_write_shard", write_shard)
+  assert pipeline.build(src, out, runner="beam", num_workers=0, **OPTS)["counts"]["written"] == 4
+
+
 def test_a_killed_direct_runner_leaves_nothing_complete_and_its_rerun_completes(tmp_path):
   src = str(tmp_path / "in")
   make_folder(src)
@@ -176,14 +197,21 @@ def test_a_killed_direct_runner_leaves_nothing_complete_and_its_rerun_completes(
 def test_a_retried_shard_bundle_duplicates_no_record(tmp_path):
   """Two attempts at one shard write two folders; Finalize moves the one the runner kept."""
   plan = {"train": [{"shard": "ds-train.tfrecord-00000-of-00001", "positions": [0, 1]}]}
-  videos = [(1, [b"c"]), (0, [b"a", b"b"])]
-  first = beam_pipeline._write_shard((("train", 0), videos), plan, str(tmp_path))
-  second = beam_pipeline._write_shard((("train", 0), videos[::-1]), plan, str(tmp_path))
-  assert first["path"] != second["path"] and first["records"] == second["records"] == 3
+  files = []
+  for pos, records in ((0, [b"a", b"b"]), (1, [b"c"])):
+    files.append(str(tmp_path / f"video{pos}.tfrecord"))
+    with open(files[-1], "wb") as f:
+      f.write(b"".join(writer_lib.frame_record(r) for r in records))
+  videos = [(1, files[1]), (0, files[0])]
+  first = beam_pipeline._write_shard((("train", 0), videos), plan, str(tmp_path / "a"))
+  second = beam_pipeline._write_shard((("train", 0), videos[::-1]), plan, str(tmp_path / "a"))
+  assert first["path"] != second["path"] and first["positions"] == second["positions"] == [0, 1]
+  want = b"".join(writer_lib.frame_record(r) for r in (b"a", b"b", b"c"))
   for w in (first, second):
     with open(w["path"], "rb") as f:
-      assert f.read() == b"".join(writer_lib.frame_record(r) for r in (b"a", b"b", b"c"))
-  assert not glob.glob(os.path.join(str(tmp_path), "*", "*.tmp"))
+      assert f.read() == want
+    assert w["bytes"] == len(want)
+  assert not glob.glob(str(tmp_path / "a" / "*" / "*.tmp"))
 
 
 def test_without_the_extra_the_cli_says_how_to_install_it(tmp_path, monkeypatch, capsys):
