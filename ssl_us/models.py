@@ -31,12 +31,18 @@ DTYPES = ("auto", "float32", "bfloat16")
 def compute_dtype(name: str, backend: str | None = None):
   """The compute dtype of ``config.model.dtype``: 'auto' is bfloat16 on accelerators (GPU, TPU)
   and float32 on CPU (``backend``: jax.default_backend() unless given). Parameters, BatchNorm
-  statistics and the encoders' and heads' outputs stay float32 whatever it is."""
+  statistics and the encoders' and heads' outputs stay float32 whatever it is (``out_dtype``)."""
   if name not in DTYPES:
     raise ValueError(f"config.model.dtype={name!r}; use one of {DTYPES}")
   if name == "auto":
     name = "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def out_dtype(dtype):
+  """Encoders' and heads' outputs: float32 for bfloat16 or float32 compute, float64 for float64
+  (the tests compare kernels in float64, where rounding does not hide a difference)."""
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def batch_norm(train: bool, axis_name: str | None, dtype, momentum=0.9, epsilon=1e-5):
@@ -133,7 +139,7 @@ class ResNet(nn.Module):
         strides = 2 if i > 0 and j == 0 else 1
         x = self.block_cls(self.num_filters * 2**i, strides=strides, conv=conv, norm=norm,
                            act=self.act, spatial_dims=d)(x)
-    return global_avg_pool(x, d).astype(jnp.float32)
+    return global_avg_pool(x, d).astype(out_dtype(self.dtype))
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock)
@@ -169,7 +175,7 @@ class ConvNet4(nn.Module):
         x = max_pool(x, (2, 2), strides=(2, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = x.reshape(x.shape[0], -1) if self.pool == "flatten" else jnp.mean(x, axis=(1, 2))
-    return x.astype(jnp.float32)
+    return x.astype(out_dtype(self.dtype))
 
 
 class MLPHead(nn.Module):
@@ -189,7 +195,7 @@ class MLPHead(nn.Module):
     x = nn.Dense(self.out_dim, use_bias=not self.bn_last, dtype=self.dtype)(x)
     if self.bn_last:
       x = norm(use_scale=False, use_bias=False)(x)
-    return x.astype(jnp.float32)
+    return x.astype(out_dtype(self.dtype))
 
 
 class ContrastiveModel(nn.Module):

@@ -173,8 +173,8 @@ def weight_grad(x, dy, kernel_hw, strides, pads, precision=None):
   """dW[a, b, c, o] = sum_{n,i,j} x_pad[n, s_h i + a, s_w j + b, c] dy[n, i, j, o].
 
   Computed as sum over chunks of images of P(x_chunk)^T dy_chunk (im2col, ``patches``) in a
-  sequential loop, so each chunk's patches stay in cache; float32 accumulation. Returns
-  (kh, kw, C_in, C_out) in float32.
+  sequential loop, so each chunk's patches stay in cache; accumulated in float32, or float64
+  for float64 inputs. Returns (kh, kw, C_in, C_out) in that type.
   """
   n, (kh, kw), cin, cout = x.shape[0], kernel_hw, x.shape[-1], dy.shape[-1]
   k = kh * kw * cin
@@ -182,11 +182,12 @@ def weight_grad(x, dy, kernel_hw, strides, pads, precision=None):
   d = _chunk_images(n, per_image)
   xs = x.reshape((n // d, d) + x.shape[1:])
   ds = dy.reshape((n // d, d) + dy.shape[1:])
+  acc_type = jnp.promote_types(x.dtype, jnp.float32)
 
   def chunk(xc, dc):
     p = patches(xc, kernel_hw, strides, pads).reshape(-1, k)
     return lax.dot_general(p, dc.reshape(-1, cout), (((0,), (0,)), ((), ())),
-                           precision=precision, preferred_element_type=jnp.float32)
+                           precision=precision, preferred_element_type=acc_type)
 
   # The first chunk starts the sum, so the carry has the inputs' type (inside shard_map: the
   # same varying mesh axes) without naming any axis here.

@@ -12,7 +12,8 @@ from ssl_us import models, ops, parallel
 def _close(a, b, rtol):
   """|a - b| <= rtol * max|a|, leaf by leaf."""
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    dtype = np.float64 if np.asarray(x).dtype == np.float64 else np.float32
+    x, y = np.asarray(x, dtype), np.asarray(y, dtype)
     assert x.shape == y.shape
     np.testing.assert_allclose(y, x, rtol=0, atol=rtol * max(float(np.abs(x).max()), 1e-30))
 
@@ -183,47 +184,76 @@ def _encoder_value_and_grads(encoder, variables, x):
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(variables["params"], x)
 
 
+def _unit_scales_f64(variables):
+  """float64 copies; every BatchNorm scale 1, so that every convolution reaches the output
+  (the residual branches' last scales are initialised at 0)."""
+  return {"params": jax.tree_util.tree_map_with_path(
+      lambda p, a: (jnp.ones_like(a) if p[-1].key == "scale" else a).astype(jnp.float64),
+      variables["params"]),
+          "batch_stats": jax.tree.map(lambda a: a.astype(jnp.float64), variables["batch_stats"])}
+
+
+# Whole encoders are compared in float64. Their gradients amplify rounding about 1,000-fold
+# (BatchNorm over 4 values at the 1x1 stage), so in float32 both implementations are 1e-4 from
+# the exact gradient and from each other, by amounts that depend on the CPU's instruction set
+# (AMD EPYC: 1.7e-4); in float64 they agree to 1e-13 on any CPU, and a wrong patch, pad or
+# transpose shows as O(1). The kernels' float32 accuracy is tested op by op above.
+ENCODER_RTOL = 1e-10
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("resnet18", dict(num_filters=8)),
     ("convnet4", dict(width=4, dropout_rate=0.0)),
 ])
 def test_encoder_fast_equals_xla(name, kwargs):
   """32x32 input: ResNet-18 stages at 8x8 and 4x4 (chunked), 2x2 and 1x1 (im2col)."""
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 1)), jnp.float32)
-  ref = models.make_encoder(name, conv_impl="xla", **kwargs)
-  fast = models.make_encoder(name, conv_impl="fast", **kwargs)
-  v = ref.init(jax.random.key(0), x, train=False)
-  _close(v, fast.init(jax.random.key(0), x, train=False), 0.0)
-  # Non-zero residual scales, so that every convolution reaches the output.
-  v = {"params": jax.tree_util.tree_map_with_path(
-      lambda p, a: jnp.ones_like(a) if p[-1].key == "scale" else a, v["params"]),
-       "batch_stats": v["batch_stats"]}
-  (l_ref, (gp_ref, gx_ref)) = _encoder_value_and_grads(ref, v, x)
-  (l_fast, (gp_fast, gx_fast)) = _encoder_value_and_grads(fast, v, x)
-  np.testing.assert_allclose(l_fast, l_ref, rtol=1e-5)
-  _close(gx_ref, gx_fast, 1e-4)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gp_ref), jax.tree.leaves(gp_fast)):
-    if float(jnp.abs(a).max()) > 1e-6:  # BatchNorm biases before a max-pool: about 0 + noise
-      _close(a, b, 1e-4)
+  x = np.random.default_rng(0).normal(size=(4, 32, 32, 1))
+  v = models.make_encoder(name, conv_impl="xla", **kwargs).init(
+      jax.random.key(0), x.astype(np.float32), train=False)
+  _close(v, models.make_encoder(name, conv_impl="fast", **kwargs).init(
+      jax.random.key(0), x.astype(np.float32), train=False), 0.0)  # the same parameters
+  with jax.enable_x64(True):
+    ref = models.make_encoder(name, conv_impl="xla", dtype=jnp.float64, **kwargs)
+    fast = models.make_encoder(name, conv_impl="fast", dtype=jnp.float64, **kwargs)
+    v, x = _unit_scales_f64(v), jnp.asarray(x, jnp.float64)
+    (l_ref, (gp_ref, gx_ref)) = _encoder_value_and_grads(ref, v, x)
+    (l_fast, (gp_fast, gx_fast)) = _encoder_value_and_grads(fast, v, x)
+  l_ref, gp_ref, gx_ref, l_fast, gp_fast, gx_fast = jax.device_get(
+      (l_ref, gp_ref, gx_ref, l_fast, gp_fast, gx_fast))   # float64 numpy from here on
+  assert l_fast.dtype == np.float64 and all(
+      g.dtype == np.float64 for g in jax.tree.leaves((gp_fast, gx_fast)))
+  np.testing.assert_allclose(l_fast, l_ref, rtol=ENCODER_RTOL)
+  _close(gx_ref, gx_fast, ENCODER_RTOL)
+  for a, b in zip(jax.tree.leaves(gp_ref), jax.tree.leaves(gp_fast)):
+    if np.abs(a).max() > 1e-6:  # BatchNorm biases before a max-pool: about 0 + noise
+      _close(a, b, ENCODER_RTOL)
 
 
 def test_resnet18_fast_inside_shard_map():
-  """Global BatchNorm over 2 devices, replicated kernels: same loss and gradient as 'xla'."""
+  """Global BatchNorm over 2 devices, replicated kernels: same loss and gradient as 'xla'
+  (float64, as above)."""
   mesh = parallel.make_mesh(2)
-  x = np.random.default_rng(0).normal(size=(4, 32, 32, 1)).astype(np.float32)
-  v = models.ResNet18(num_filters=8).init(jax.random.key(0), x[:1])
+  x = np.random.default_rng(0).normal(size=(4, 32, 32, 1))
+  v = models.ResNet18(num_filters=8).init(jax.random.key(0), x[:1].astype(np.float32))
   out = {}
-  for impl in ("xla", "fast"):
-    enc = models.ResNet18(num_filters=8, conv_impl=impl, axis_name=parallel.DATA)
+  with jax.enable_x64(True):
+    v = _unit_scales_f64(v)
+    for impl in ("xla", "fast"):
+      enc = models.ResNet18(num_filters=8, conv_impl=impl, axis_name=parallel.DATA,
+                            dtype=jnp.float64)
 
-    def loss(params, x, enc=enc):
-      h, _ = enc.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
-                       mutable=["batch_stats"])
-      return jax.lax.pmean(jnp.mean(jnp.sin(h)), parallel.DATA)
+      def loss(params, x, enc=enc):
+        h, _ = enc.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
+                         mutable=["batch_stats"])
+        return jax.lax.pmean(jnp.mean(jnp.sin(h)), parallel.DATA)
 
-    fn = jax.jit(jax.shard_map(jax.value_and_grad(loss), mesh=mesh,
-                               in_specs=(P(), P(parallel.DATA)), out_specs=(P(), P())))
-    out[impl] = fn(parallel.replicate(v["params"], mesh), parallel.shard_host_batch(x, mesh))
-  np.testing.assert_allclose(out["fast"][0], out["xla"][0], rtol=1e-5)
-  _close(out["xla"][1]["conv_init"], out["fast"][1]["conv_init"], 1e-4)
-  _close(out["xla"][1]["ResNetBlock_7"], out["fast"][1]["ResNetBlock_7"], 1e-4)
+      fn = jax.jit(jax.shard_map(jax.value_and_grad(loss), mesh=mesh,
+                                 in_specs=(P(), P(parallel.DATA)), out_specs=(P(), P())))
+      out[impl] = jax.device_get(
+          fn(parallel.replicate(v["params"], mesh), parallel.shard_host_batch(x, mesh)))
+  assert out["fast"][0].dtype == np.float64
+  np.testing.assert_allclose(out["fast"][0], out["xla"][0], rtol=ENCODER_RTOL)
+  _close(out["xla"][1]["conv_init"], out["fast"][1]["conv_init"], ENCODER_RTOL)
+  _close(out["xla"][1]["ResNetBlock_7"], out["fast"][1]["ResNetBlock_7"], ENCODER_RTOL)
+
+
