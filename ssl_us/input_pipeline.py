@@ -32,7 +32,6 @@ import re
 import struct
 from typing import Any, Protocol
 
-import grain
 import numpy as np
 from PIL import Image
 
@@ -396,13 +395,14 @@ class _PlanSource:
     return self._cache[1][row]
 
 
-class _ReadAndAssemble(grain.transforms.RandomMap):
+class _ReadAndAssemble:
+  """grain's random map: a row of record numbers -> the sampler's example."""
 
   def __init__(self, index, sampler):
     self.reader = RecordReader(index)
     self.sampler = sampler
 
-  def random_map(self, element, rng):
+  def __call__(self, element, rng):
     return self.sampler.assemble([self.reader.read(int(i)) for i in element], rng)
 
 
@@ -410,6 +410,9 @@ def make_dataset(index: RecordIndex, sampler: Sampler, *, global_batch: int, see
                  process_index: int = 0, process_count: int = 1, num_workers: int = 0,
                  num_epochs: int | None = None) -> grain.IterDataset:
   """Batches of ``global_batch // process_count`` examples for this process."""
+  # grain is imported here, its one use: the rest of the input code (index, parsing, samplers,
+  # DevicePrefetch) and the training step then import on a host without it.
+  import grain  # pylint: disable=g-import-not-at-top
   src = _PlanSource(index, sampler, seed=seed, global_batch=global_batch,
                     process_index=process_index, process_count=process_count,
                     num_epochs=num_epochs)

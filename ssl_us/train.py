@@ -14,6 +14,10 @@ tests check the result against one device on the global batch.
 Survival: a step with a non-finite loss or gradient leaves the state unchanged (``train_step``);
 SIGTERM/SIGINT end the loop after the current step with a checkpoint (``StopSignal``, agreed by
 all processes); a damaged newest checkpoint falls back to the next (``checkpoint.restore_latest``).
+
+Imports: the checkpoints (ssl_us.checkpoint, which saves grain's iterator state) are imported by
+``train_and_evaluate``, the one function that uses them, so that the step builds on a host
+without grain or tensorflow (benchmarks/device_bench.py; tests/test_device_bench.py checks it).
 """
 from __future__ import annotations
 
@@ -35,7 +39,6 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
-from ssl_us import checkpoint as ckpt_lib
 from ssl_us import gradcache, input_pipeline, models, parallel
 from ssl_us.methods import make_method
 
@@ -356,6 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   after saving. Raises NonFiniteError after config.max_nonfinite_steps non-finite steps in a
   row (checked at log steps, where metrics reach the host).
   """
+  from ssl_us import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   setup = build(config, mesh)
   config = setup.config
