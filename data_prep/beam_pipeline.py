@@ -243,7 +243,7 @@ def build(cfg: config_lib.BuildConfig, work: pipeline.WorkDir, salt: bytes) -> d
       preview_dir=os.path.join(cfg.dataset_dir, pipeline.REPORT, "previews"),
       image_size=cfg.size, sampling=cfg.sampling, min_size=cfg.min_size,
       region_samples=cfg.region_samples, shard_bytes=cfg.shard_bytes,
-      buffer_bytes=int(cfg.buffer_mb * 2**20))
+      buffer_bytes=int(cfg.buffer_mb * 2**20), frame_encoding=cfg.frame_encoding)
   os.makedirs(work.file("videos"), exist_ok=True)
   options = pipeline_options(cfg)
   direct = options.view_as(beam.options.pipeline_options.DirectOptions)

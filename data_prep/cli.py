@@ -83,6 +83,10 @@ def parser() -> argparse.ArgumentParser:
   g = p.add_argument_group("frames")
   g.add_argument("--size", type=int, nargs="+", default=list(d.size), metavar="N",
                  help="output frame size: N (square) or H W (default 128 128); grayscale")
+  g.add_argument("--frame_encoding", default=d.frame_encoding, choices=("png", "raw"),
+                 help="how frames are stored: 'png' (lossless, about 2.7x smaller) or 'raw' "
+                 "uint8 bytes (no decoding when training reads them; for input-bound "
+                 "accelerator hosts)")
   g.add_argument("--min_size", type=int, default=d.min_size,
                  help="reject sources (and scan areas) smaller than this many pixels")
   g.add_argument("--region_samples", type=int, default=d.region_samples,

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from data_prep import manifest
+from data_prep import schema
 from data_prep import sampling
 from data_prep import splits as splits_lib
 
@@ -40,6 +41,7 @@ class BuildConfig:
   clip_hop: int = 0
   short_clips: str = "loop"
   size: tuple[int, int] = (128, 128)
+  frame_encoding: str = "png"               # 'png' (lossless, small) | 'raw' (cheap to decode)
   min_size: int = 32
   splits: str = splits_lib.DEFAULT_SPLITS
   seed: int = 0
@@ -101,6 +103,9 @@ class BuildConfig:
       raise ValueError(f"--name {self.name!r}: letters, digits and '_' only (TFDS names)")
     if min(self.size) < 1:
       raise ValueError(f"--size {self.size}: must be positive")
+    if self.frame_encoding not in schema.FRAME_ENCODINGS:
+      raise ValueError(f"--frame_encoding {self.frame_encoding!r} is not one of "
+                       f"{schema.FRAME_ENCODINGS}")
     if self.min_size < 1:
       raise ValueError(f"--min_size must be >= 1, got {self.min_size}")
     if self.runner not in RUNNERS:

@@ -36,7 +36,8 @@ def require_complete(dataset_dir: str) -> str:
 
 
 def write_metadata(dataset_dir: str, staging_dir: str, *, name: str, version: str,
-                   image_size: tuple[int, int], splits: dict[str, tuple[list[int], int]],
+                   image_size: tuple[int, int], frame_encoding: str = "png",
+                   splits: dict[str, tuple[list[int], int]],
                    metadata: dict, description: str) -> None:
   """Write features.json, metadata.json and, last, dataset_info.json into dataset_dir.
 
@@ -54,7 +55,7 @@ def write_metadata(dataset_dir: str, staging_dir: str, *, name: str, version: st
   identity = info_lib.DatasetIdentity(name=name, version=utils.Version(version),
                                       data_dir=dataset_dir, module_name="")
   info = info_lib.DatasetInfo(builder=identity, description=description,
-                              features=schema.tfds_features(*image_size),
+                              features=schema.tfds_features(*image_size, frame_encoding),
                               metadata=tfds.core.MetadataDict(metadata))
   info.set_file_format(file_adapters.FileFormat.TFRECORD)
   template = naming.ShardedFileTemplate(

@@ -484,7 +484,7 @@ def run_local(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir) -> dic
       preview_dir=os.path.join(cfg.dataset_dir, REPORT, "previews"),
       prefix=f"t00000-a{attempt:03d}", image_size=cfg.size, sampling=cfg.sampling,
       min_size=cfg.min_size, region_samples=cfg.region_samples, shard_bytes=cfg.shard_bytes,
-      buffer_bytes=int(cfg.buffer_mb * 2**20))
+      buffer_bytes=int(cfg.buffer_mb * 2**20), frame_encoding=cfg.frame_encoding)
   os.makedirs(wcfg.preview_dir, exist_ok=True)
   tracker = Tracker(len(mine), len(mine) - len(todo), cfg.progress, cfg.strict)
   num_workers = min(resolve_workers(cfg.num_workers), len(todo))
@@ -627,10 +627,10 @@ def finish(cfg: config_lib.BuildConfig, prep: Prepared, final: dict, plan: dict,
               "anatomy_fine_names": list(prep.fine_names),
               "mode": cfg.sampling.mode, "image_size": list(cfg.size),
               "clip_len": cfg.sampling.record_len if cfg.sampling.mode == "clip" else 0,
-              "args": cfg.public_args()}
+              "frame_encoding": cfg.frame_encoding, "args": cfg.public_args()}
   dataset_lib.write_metadata(
       cfg.dataset_dir, work.file("staging"), name=cfg.name, version=cfg.version,
-      image_size=cfg.size, metadata=metadata,
+      image_size=cfg.size, frame_encoding=cfg.frame_encoding, metadata=metadata,
       splits={s: ([g["records"] for g in shards], sum(g["bytes"] for g in shards))
               for s, shards in plan.items()},
       description=f"Ultrasound records ({cfg.sampling.mode} mode) made by data_prep.")

@@ -6,7 +6,8 @@ frame of the record (T=1 in frame modes, T=clip_len in clip mode).
 
 | key               | Example type | meaning                                                        |
 |-------------------|--------------|----------------------------------------------------------------|
-| frames            | bytes[T]     | lossless grayscale PNG, height x width x 1, uint8               |
+| frames            | bytes[T]     | one frame each, height x width x 1, uint8: lossless grayscale   |
+|                   |              | PNG, or with --frame_encoding raw its H*W bytes, row-major      |
 | frame_indices     | int64[T]     | index of each frame in the decoded source video                 |
 | timestamps        | float[T]     | seconds from the start of the video                             |
 | anatomy_coarse    | int64[T]     | per-frame coarse anatomy class id, -1 = no label                |
@@ -25,7 +26,9 @@ frame of the record (T=1 in frame modes, T=clip_len in clip mode).
 
 Class-id -> name vocabularies live in the dataset's tfds metadata (metadata.json):
 ``label_names``, ``anatomy_coarse_names``, ``anatomy_fine_names``, plus ``mode``, ``image_size``,
-``clip_len`` and the data_prep arguments. Shards are named the TFDS way:
+``clip_len``, ``frame_encoding`` ('png' or 'raw'; absent in datasets made before it: 'png') and
+the data_prep arguments. Raw frames cost about 2.7x the bytes of PNG on ultrasound and decode
+with a copy instead of a PNG inflate (benchmarks/RESULTS.md). Shards are named the TFDS way:
 ``<name>-<split>.tfrecord-00000-of-00016`` in ``<output>/<name>/<version>/``.
 """
 
@@ -38,10 +41,11 @@ BYTES_KEYS = ("label_name", "video_id", "patient", "exam", "side", "source", "me
 ALL_KEYS = (FRAMES,) + INT_LIST_KEYS + FLOAT_LIST_KEYS + INT_KEYS + FLOAT_KEYS + BYTES_KEYS
 
 METADATA_VOCABS = ("label_names", "anatomy_coarse_names", "anatomy_fine_names")
+FRAME_ENCODINGS = ("png", "raw")
 NO_LABEL = -1
 
 
-def tfds_features(height: int, width: int):
+def tfds_features(height: int, width: int, frame_encoding: str = "png"):
   """The tfds FeaturesDict that describes (and can serialize) one record."""
   import tensorflow_datasets as tfds  # heavy import, only where needed
   import numpy as np
@@ -49,7 +53,9 @@ def tfds_features(height: int, width: int):
   f = tfds.features
   seq_int = f.Sequence(f.Tensor(shape=(), dtype=np.int64))
   return f.FeaturesDict({
-      FRAMES: f.Sequence(f.Image(shape=(height, width, 1), encoding_format="png")),
+      FRAMES: f.Sequence(
+          f.Image(shape=(height, width, 1), encoding_format="png") if frame_encoding == "png"
+          else f.Tensor(shape=(height, width, 1), dtype=np.uint8, encoding=f.Encoding.BYTES)),
       "frame_indices": seq_int,
       "timestamps": f.Sequence(f.Tensor(shape=(), dtype=np.float32)),
       "anatomy_coarse": seq_int,

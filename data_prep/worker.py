@@ -56,6 +56,7 @@ class WorkerConfig:
   region_samples: int
   shard_bytes: int
   buffer_bytes: int
+  frame_encoding: str = "png"      # schema.FRAME_ENCODINGS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,8 +170,8 @@ def preview_name(position: int, video_id: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _encoder(height: int, width: int) -> writer_lib.RecordEncoder:
-  return writer_lib.RecordEncoder(height, width)
+def _encoder(height: int, width: int, frame_encoding: str) -> writer_lib.RecordEncoder:
+  return writer_lib.RecordEncoder(height, width, frame_encoding)
 
 
 def _probe(cfg: WorkerConfig, path: str) -> readers.VideoInfo:
@@ -213,24 +214,25 @@ def _write(cfg: WorkerConfig, job: Job, info, groups, write: Callable[[bytes], N
   needed = sorted({i for g in groups for i in g.indices})
   region, sample, frames = _region(cfg, e.path, info, needed)
   size = cfg.image_size
-  encoder = _encoder(*size)
+  encoder = _encoder(*size, cfg.frame_encoding)
 
   def process(frame):
     if frame.shape != (info.height, info.width):
       raise VideoError("decode_error", f"{e.path}: a frame is {frame.shape}, probe said "
                        f"{info.height}x{info.width}")
-    return writer_lib.encode_png(region_lib.apply_region(frame, region, size))
+    return writer_lib.encode_frame(region_lib.apply_region(frame, region, size),
+                                   cfg.frame_encoding)
 
   fields = writer_lib.video_fields(
       label=job.label_id, label_name=e.label, video_id=e.video_id, patient=job.patient,
       exam=e.exam, side=e.side, source=e.source, fps=info.fps, num_frames=info.num_frames,
       metadata=dict(e.metadata))
   records = padded = nbytes = 0
-  for g, pngs in emit_groups(groups, frames, process):
+  for g, encoded in emit_groups(groups, frames, process):
     coarse, fine = manifest.label_ids(job.frame_labels, g.indices)
     fps = info.fps
     record = encoder.serialize(
-        frames=pngs, frame_indices=list(g.indices),
+        frames=encoded, frame_indices=list(g.indices),
         timestamps=[i / fps if fps > 0 else 0.0 for i in g.indices],
         anatomy_coarse=coarse, anatomy_fine=fine, video=fields, padded=g.padded)
     write(record)

@@ -1,7 +1,7 @@
 """Records and shard files: PNG frames, tf.train.Example serialization, TFRecord framing.
 
-Examples are serialized by ``schema.tfds_features(h, w)`` (tfds's own encoder), frames passed as
-lossless PNG bytes made here with Pillow. The TFRecord framing (length, masked CRC-32C of the
+Examples are serialized by ``schema.tfds_features(h, w, frame_encoding)`` (tfds's own encoder),
+frames passed as lossless PNG bytes made here with Pillow, or as raw uint8 arrays. The TFRecord framing (length, masked CRC-32C of the
 length, data, masked CRC-32C of the data) is written directly, so that a shard can be rolled back
 to the start of a video that fails half-way: a video's records are all in one shard or in none.
 Shards are written under a ``.tmp`` name, fsync'ed, and renamed when complete.
@@ -50,21 +50,31 @@ def encode_png(frame: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
+def encode_frame(frame: np.ndarray, frame_encoding: str):
+  """uint8 (H, W) grayscale -> what the record's frames feature takes: PNG bytes, or for
+  'raw' the (H, W, 1) array (tfds stores its bytes)."""
+  if frame_encoding == "png":
+    return encode_png(frame)
+  if frame.dtype != np.uint8 or frame.ndim != 2:
+    raise ValueError(f"expected a uint8 (H, W) frame, got {frame.dtype} {frame.shape}")
+  return np.ascontiguousarray(frame)[..., None]
+
+
 class RecordEncoder:
-  """Builds and serializes schema records for one image size.
+  """Builds and serializes schema records for one image size and frame encoding.
 
   Serialization is deterministic (the Example's feature map in key order): the same record
   is the same bytes in every process and on every runner (a proto map's default order is
   not).
   """
 
-  def __init__(self, height: int, width: int):
+  def __init__(self, height: int, width: int, frame_encoding: str = "png"):
     from tensorflow_datasets.core import example_serializer  # pylint: disable=g-import-not-at-top
-    self.features = schema.tfds_features(height, width)
+    self.features = schema.tfds_features(height, width, frame_encoding)
     self._serializer = example_serializer.ExampleSerializer(
         self.features.get_serialized_info())
 
-  def serialize(self, *, frames: list[bytes], frame_indices: list[int], timestamps: list[float],
+  def serialize(self, *, frames: list, frame_indices: list[int], timestamps: list[float],
                 anatomy_coarse: list[int], anatomy_fine: list[int], video: dict[str, Any],
                 padded: int) -> bytes:
     """A serialized tf.train.Example; ``video`` holds the per-video schema fields."""

@@ -6,8 +6,11 @@ Layout of the pipeline (one per process):
     -> epoch plans from a Sampler: (num_examples, k) record ids per epoch, in sampling order,
        every block of ``global_batch`` rows one global batch
     -> this process's contiguous slice of every global batch (disjoint across processes)
-    -> grain MapDataset.random_map(read the k records, decode PNG, sampler.assemble)
-    -> batch(per-process batch) -> mp_prefetch (PNG decode in worker processes)
+    -> grain MapDataset.random_map(read the k records, decode the frames, sampler.assemble)
+    -> batch(per-process batch) -> mp_prefetch (decoding in worker processes)
+
+Frames are PNG, or raw bytes when data_prep made them with --frame_encoding raw (metadata.json
+says which; ``frame_format``): raw costs a copy instead of a PNG inflate.
 
 The iterator's state (a position in the infinite sequence of epoch plans) is checkpointed with
 the model through orbax (grain.checkpoint). Records are read at their byte offset, so the plan
@@ -160,8 +163,14 @@ def _example_cls():
   return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example"))
 
 
-def parse_example(data: bytes, *, decode: bool = True, where: str = "") -> dict[str, Any]:
-  """A serialized record -> dict of numpy values per data_prep.schema ('frames' decoded)."""
+def parse_example(data: bytes, *, decode: bool = True, where: str = "",
+                  frame_encoding: str = "png", image_size=None) -> dict[str, Any]:
+  """A serialized record -> dict of numpy values per data_prep.schema.
+
+  'frames' decoded to uint8 (T, H, W, 1): PNG, or for ``frame_encoding='raw'`` (the dataset's
+  metadata says which) H*W bytes each, ``image_size`` (H, W) giving the shape; undecoded with
+  ``decode=False`` (the list of bytes).
+  """
   try:
     feats = _example_cls().FromString(data).features.feature
   except Exception as e:  # protobuf DecodeError
@@ -180,9 +189,23 @@ def parse_example(data: bytes, *, decode: bool = True, where: str = "") -> dict[
     out[k] = np.float32(feats[k].float_list.value[0])
   for k in schema.BYTES_KEYS:
     out[k] = feats[k].bytes_list.value[0].decode("utf-8")
-  pngs = list(feats[schema.FRAMES].bytes_list.value)
-  out["frames"] = np.stack([decode_png(b) for b in pngs]) if decode else pngs
+  frames = list(feats[schema.FRAMES].bytes_list.value)
+  if not decode:
+    out["frames"] = frames
+  elif frame_encoding == "raw":
+    out["frames"] = np.stack([decode_raw(b, image_size, where) for b in frames])
+  else:
+    out["frames"] = np.stack([decode_png(b) for b in frames])
   return out
+
+
+def decode_raw(data: bytes, image_size, where: str = "") -> np.ndarray:
+  """H*W bytes (data_prep --frame_encoding raw) -> uint8 (H, W, 1), a copy."""
+  h, w = image_size
+  if len(data) != h * w:
+    raise DatasetError(f"{where}: a raw frame of {len(data)} bytes, but metadata.json's "
+                       f"image_size {h}x{w} needs {h * w}")
+  return np.frombuffer(data, np.uint8).reshape(h, w, 1).copy()
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -284,6 +307,23 @@ def _write_cache(path, key, index: RecordIndex):
                     path, e)
 
 
+def frame_format(index: RecordIndex) -> dict[str, Any]:
+  """``parse_example``'s frame arguments from the dataset's metadata.json (PNG when it has no
+  'frame_encoding': datasets made before it)."""
+  meta, where = index.metadata, os.path.join(index.dataset_dir, "metadata.json")
+  encoding = meta.get("frame_encoding", "png")
+  if encoding not in schema.FRAME_ENCODINGS:
+    raise DatasetError(f"{where}: frame_encoding {encoding!r} is not one of "
+                       f"{schema.FRAME_ENCODINGS}")
+  if encoding == "png":
+    return {"frame_encoding": "png"}
+  size = meta.get("image_size")
+  if not (isinstance(size, list) and len(size) == 2 and all(
+      isinstance(v, int) and v > 0 for v in size)):
+    raise DatasetError(f"{where}: raw frames need image_size [H, W], got {size!r}")
+  return {"frame_encoding": "raw", "image_size": tuple(size)}
+
+
 class RecordReader:
   """Random access to the records of an index; thread-safe (positional reads, os.pread).
 
@@ -293,6 +333,7 @@ class RecordReader:
   def __init__(self, index: RecordIndex):
     self.index = index
     self._fds: dict[int, int] = {}
+    self._frames = frame_format(index)
 
   def __getstate__(self):
     return {"index": self.index}
@@ -317,7 +358,7 @@ class RecordReader:
     if len(data) != n:
       raise DatasetError(f"{ix.files[fid]}: record at byte {off} is truncated (file changed "
                          "after indexing?)")
-    return parse_example(data, where=f"{ix.files[fid]}@{off}")
+    return parse_example(data, where=f"{ix.files[fid]}@{off}", **self._frames)
 
 
 def read_record(index: RecordIndex, i: int) -> dict[str, Any]:

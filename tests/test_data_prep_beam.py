@@ -9,6 +9,7 @@ that raises is a reject; a killed or failed pipeline leaves nothing that passes
 import collections
 import csv
 import glob
+import json
 import os
 import signal
 import struct
@@ -96,6 +97,21 @@ def test_beam_equals_local_and_a_bad_video_is_a_reject(tmp_path):
   assert len(sizes) >= 2 and max(sizes) < 2 * min(sizes)  # balanced
   # a finished build re-run returns its report, whichever runner asks
   assert pipeline.build(src, str(tmp_path / "beam"), num_workers=0, **opts) == report
+
+
+def test_beam_writes_raw_frames_like_local(tmp_path):
+  src = str(tmp_path / "in")
+  make_folder(src, frames=(6, 7, 8, 6))
+  opts = dict(OPTS, frame_encoding="raw")
+  local = pipeline.build(src, str(tmp_path / "local"), num_workers=0, **opts)
+  beam_report = pipeline.build(src, str(tmp_path / "beam"), runner="beam", num_workers=0, **opts)
+  dirs = [str(tmp_path / r / "ultrasound" / "1.0.0") for r in ("local", "beam")]
+  assert raw_records(dirs[1]) == raw_records(dirs[0])
+  assert comparable(beam_report) == comparable(local)
+  for d in dirs:
+    assert dataset_lib.require_complete(d) == d
+    with open(os.path.join(d, "metadata.json"), encoding="utf-8") as f:
+      assert json.load(f)["frame_encoding"] == "raw"
 
 
 def test_a_video_that_raises_inside_the_pipeline_is_a_reject(tmp_path, monkeypatch):

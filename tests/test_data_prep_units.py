@@ -361,6 +361,7 @@ def test_config_checks_options(tmp_path):
   assert config_lib.BuildConfig.create(inp, "o").sampling.mode == "all"
   assert "s3cret" not in str(config_lib.BuildConfig.create(inp, "o", salt="s3cret").public_args())
   bad = [(dict(fps=3, every=2), "mutually exclusive"), (dict(runner="spark"), "--runner"),
+         (dict(frame_encoding="jpeg"), "--frame_encoding 'jpeg' is not one of"),
          (dict(beam_options="--runner=FlinkRunner"), "--beam_options is for --runner beam"),
          (dict(size=(1, 2, 3)), "--size"), (dict(name="a-b"), "--name"),
          (dict(label_rule="folder"), "--label_rule"), (dict(splits="train=2"), "--splits")]

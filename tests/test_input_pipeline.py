@@ -248,3 +248,70 @@ def test_reading_records_does_not_import_tensorflow(dataset):
   out = subprocess.run([sys.executable, "-c", script, dataset], cwd=root, capture_output=True,
                        text=True, timeout=300, check=True)
   assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.fixture(scope="module")
+def png_and_raw(tmp_path_factory):
+  """The same synthetic videos built by data_prep with PNG frames and with raw frames."""
+  from data_prep import build, synthetic  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("enc")
+  manifest = synthetic.generate(str(root / "raw_videos"), num_patients=3, videos_per_patient=2,
+                                frames=4, size=64)
+  out = {}
+  for enc in ("png", "raw"):
+    report = build(manifest, str(root / enc), size=(24, 32), splits="train=1.0", seed=0,
+                   salt="s", num_workers=0, progress=False, frame_encoding=enc)
+    out[enc] = report["dataset_dir"]
+  return out
+
+
+def test_raw_frames_read_back_equal_to_png_frames(png_and_raw):
+  """--frame_encoding raw: the same records, pixels and batches as PNG; bigger shards; tfds
+  reads it back through its own features.json."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  png, raw = (ip.load_index(png_and_raw[e], "train") for e in ("png", "raw"))
+  assert raw.metadata["frame_encoding"] == "raw" and png.metadata["frame_encoding"] == "png"
+  assert raw.num_records == png.num_records == 24 and raw.video_ids == png.video_ids
+  for i in range(raw.num_records):
+    a, b = ip.read_record(png, i), ip.read_record(raw, i)
+    assert b["frames"].shape == (1, 24, 32, 1) and b["frames"].dtype == np.uint8
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  sizes = {e: sum(os.path.getsize(f) for f in ix.files) for e, ix in (("png", png),
+                                                                      ("raw", raw))}
+  assert sizes["raw"] > 24 * 24 * 32 > sizes["png"] / 2  # every raw frame is H*W bytes
+  # One global batch through grain: identical.
+  batches = [next(iter(ip.make_dataset(ix, FrameSampler(), global_batch=8, seed=3)))
+             for ix in (png, raw)]
+  for k in batches[0]:
+    np.testing.assert_array_equal(batches[0][k], batches[1][k], err_msg=k)
+  # tfds decodes the raw frames by the features.json data_prep wrote.
+  ds = tfds.builder_from_directory(png_and_raw["raw"]).as_dataset(split="train")
+  got = {(r["video_id"].decode(), int(r["frame_indices"][0])): r["frames"][0]
+         for r in ds.as_numpy_iterator()}
+  assert len(got) == raw.num_records
+  for i in range(raw.num_records):
+    key = (raw.video_ids[raw.video[i]], int(raw.frame_index[i]))
+    np.testing.assert_array_equal(got[key], ip.read_record(raw, i)["frames"][0])
+
+
+def test_raw_frames_of_the_wrong_size_name_the_record_and_the_metadata(png_and_raw, tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  ddir = str(tmp_path / "raw")
+  shutil.copytree(png_and_raw["raw"], ddir)
+  meta_path = os.path.join(ddir, "metadata.json")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  meta["image_size"] = [24, 31]
+  with open(meta_path, "w") as f:
+    json.dump(meta, f)
+  index = ip.load_index(ddir, "train", cache=False)
+  with pytest.raises(ip.DatasetError, match=r"tfrecord-\d+-of-\d+@\d+: a raw frame of 768 "
+                     r"bytes, but metadata.json's image_size 24x31 needs 744"):
+    ip.read_record(index, 0)
+  meta["frame_encoding"] = "jpeg"
+  with open(meta_path, "w") as f:
+    json.dump(meta, f)
+  with pytest.raises(ip.DatasetError, match=r"metadata.json: frame_encoding 'jpeg' is not one"):
+    ip.read_record(ip.load_index(ddir, "train", cache=False), 0)
