@@ -2,6 +2,7 @@
 
   python -m benchmarks.bench_input --size 64 --batch 64
   python -m benchmarks.bench_input --size 224 --batch 32 --num_workers 0 2
+  python -m benchmarks.bench_input --size 224 --batch 32 --frame_encoding raw
 
 Shards: the COVID-BLUES clips in ../shared/data/covid_blues, made into frame-mode shards by the
 data_prep CLI (3 frames per second of video, grayscale ``size`` x ``size``, one split) under
@@ -10,7 +11,8 @@ absent, a synthetic dataset from tests/fixtures.write_dataset of the same frame 
 instead, and the result says so.
 
 Timed: the grain pipeline exactly as training builds it (``make_dataset`` with FrameSampler:
-plan, record reads at their offsets, protobuf parse, PNG decode, batching, optionally
+plan, record reads at their offsets, protobuf parse, frame decode (PNG, or a copy for
+``--frame_encoding raw`` shards), batching, optionally
 ``mp_prefetch`` worker processes), after ``warmup`` batches, for ``batches`` batches. Frames per
 second = batch * batches / seconds. A training step consumes ``batch`` frames (two views are
 made on device), so the pipeline keeps up while its frames/s exceeds the step's views/s / 2.
@@ -31,18 +33,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COVID_BLUES = os.path.join(ROOT, "..", "shared", "data", "covid_blues")
 
 
-def build_shards(size: int, workdir: str) -> tuple[str, str]:
+def build_shards(size: int, workdir: str, frame_encoding: str = "png") -> tuple[str, str]:
   """(dataset dir, source name): COVID-BLUES via the data_prep CLI, else a synthetic set."""
   if os.path.isdir(COVID_BLUES):
-    out = os.path.join(workdir, f"covid_blues_{size}")
+    out = os.path.join(workdir, f"covid_blues_{size}" + ("" if frame_encoding == "png" else
+                                                         f"_{frame_encoding}"))
     cmd = [sys.executable, "-m", "data_prep", "--input", COVID_BLUES, "--output", out,
            "--fps", "3", "--patient_regex", r"patient_(?P<patient>\d+)_", "--size", str(size),
            str(size), "--splits", "train=1.0", "--salt", "bench", "--num_workers", "2",
-           "--no_progress"]
+           "--frame_encoding", frame_encoding, "--no_progress"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if r.returncode not in (0, 3):  # 3: finished, some inputs rejected
       raise RuntimeError(f"data_prep failed ({r.returncode}): {r.stderr[-2000:]}")
     return os.path.join(out, "ultrasound", "1.0.0"), "COVID-BLUES (data_prep --fps 3)"
+  if frame_encoding != "png":
+    raise SystemExit("--frame_encoding raw needs the COVID-BLUES clips (../shared/data)")
   from tests import fixtures  # pylint: disable=g-import-not-at-top
   out = os.path.join(workdir, f"synthetic_{size}")
   path = os.path.join(out, "tiny", "1.0.0")
@@ -66,13 +71,14 @@ def frames_per_second(index, batch: int, num_workers: int, batches: int, warmup:
 
 
 def run(size: int = 64, batch: int = 64, num_workers=(0, 2), batches: int = 40,
-        warmup: int = 3, workdir: str | None = None) -> dict:
+        warmup: int = 3, workdir: str | None = None, frame_encoding: str = "png") -> dict:
   workdir = workdir or os.path.join(tempfile.gettempdir(), "ssl_us_bench_input")
   t0 = time.perf_counter()
-  path, source = build_shards(size, workdir)
+  path, source = build_shards(size, workdir, frame_encoding)
   build_s = time.perf_counter() - t0
   index = input_pipeline.load_index(path, "train")
-  out = {"size": size, "batch": batch, "source": source, "dataset_dir": path,
+  out = {"size": size, "batch": batch, "frame_encoding": frame_encoding, "source": source,
+         "dataset_dir": path,
          "records": index.num_records, "shard_bytes": sum(os.path.getsize(f) for f in index.files),
          "prepare_s": round(build_s, 1), "load": [round(os.getloadavg()[0], 1)]}
   for w in num_workers:
@@ -88,8 +94,10 @@ def main(argv=None) -> int:
   p.add_argument("--num_workers", type=int, nargs="+", default=[0, 2])
   p.add_argument("--batches", type=int, default=40)
   p.add_argument("--workdir", default=None)
+  p.add_argument("--frame_encoding", default="png", choices=("png", "raw"))
   a = p.parse_args(argv)
-  print(json.dumps(run(a.size, a.batch, tuple(a.num_workers), a.batches, workdir=a.workdir)))
+  print(json.dumps(run(a.size, a.batch, tuple(a.num_workers), a.batches, workdir=a.workdir,
+                       frame_encoding=a.frame_encoding)))
   return 0
 
 
