@@ -173,6 +173,18 @@ class BuildConfig:
     return args
 
 
+def recorded_fingerprint(args: dict[str, Any]) -> dict[str, Any]:
+  """The fingerprint in options a build recorded (metadata.json's args, or an unfinished
+  build's work config), whatever data_prep version wrote them: run-only and retired options
+  dropped, options added since filled with their defaults (a new option's default keeps the
+  earlier behaviour, e.g. --frame_encoding png)."""
+  out = {k: v for k, v in args.items() if k not in RUN_ONLY + RETIRED and k != "output"}
+  for f in dataclasses.fields(BuildConfig):
+    if f.name not in out and f.name not in RUN_ONLY + ("input", "output"):
+      out[f.name] = f.default
+  return out
+
+
 def normalize_size(size) -> tuple[int, int]:
   """--size N or (H, W) -> (H, W)."""
   if isinstance(size, int):

@@ -209,8 +209,9 @@ def start_work(cfg: config_lib.BuildConfig, work: WorkDir, salt: bytes, digest: 
     with open(path, encoding="utf-8") as f:
       have = json.load(f)
     have.setdefault("runner", "local")  # work folders of earlier versions
-    diff = sorted(k for k in set(have["fingerprint"]) | set(want["fingerprint"])
-                  if have["fingerprint"].get(k) != want["fingerprint"].get(k))
+    have_fp = config_lib.recorded_fingerprint(have["fingerprint"])
+    diff = sorted(k for k in set(have_fp) | set(want["fingerprint"])
+                  if have_fp.get(k) != want["fingerprint"].get(k))
     if None not in (digest, have["input_digest"]) and have["input_digest"] != digest:
       diff.append("the input's videos")
     if have["salt_check"] != want["salt_check"]:
@@ -473,11 +474,11 @@ def run_local(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir) -> dic
   """Write the videos not yet committed (resuming) with local worker processes; returns the
   run summary."""
   t0 = time.time()
-  mine = prep.jobs
+  jobs = prep.jobs
   final, pieces = outcomes(read_events(work))
   committed = {p["piece"] for p in pieces}
   removed = clean_leftovers(work, committed)
-  todo = [j for j in mine if final.get(j.entry.video_id, {}).get("status") != "written"]
+  todo = [j for j in jobs if final.get(j.entry.video_id, {}).get("status") != "written"]
   attempt = next_attempt(work)
   wcfg = worker_lib.WorkerConfig(
       pieces_dir=work.pieces, journal_dir=work.journals,
@@ -486,7 +487,7 @@ def run_local(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir) -> dic
       min_size=cfg.min_size, region_samples=cfg.region_samples, shard_bytes=cfg.shard_bytes,
       buffer_bytes=int(cfg.buffer_mb * 2**20), frame_encoding=cfg.frame_encoding)
   os.makedirs(wcfg.preview_dir, exist_ok=True)
-  tracker = Tracker(len(mine), len(mine) - len(todo), cfg.progress, cfg.strict)
+  tracker = Tracker(len(jobs), len(jobs) - len(todo), cfg.progress, cfg.strict)
   num_workers = min(resolve_workers(cfg.num_workers), len(todo))
   try:
     if todo and num_workers == 0:
@@ -498,13 +499,13 @@ def run_local(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir) -> dic
   if tracker.failure:
     raise BuildError(tracker.failure)
   final, _ = outcomes(read_events(work))
-  missing = [j.entry.source for j in mine if j.entry.video_id not in final]
+  missing = [j.entry.source for j in jobs if j.entry.video_id not in final]
   if missing:
     raise BuildError(f"{len(missing)} videos were not finished (e.g. "
                      f"{missing[0]}) after a worker crash; re-run the same command to resume")
   seconds = max(time.time() - t0, 1e-9)
   c = tracker.counts
-  return run_summary("local", len(mine), len(mine) - len(todo), len(removed), num_workers,
+  return run_summary("local", len(jobs), len(jobs) - len(todo), len(removed), num_workers,
                      seconds, c)
 
 
@@ -646,9 +647,7 @@ def _finished(cfg: config_lib.BuildConfig) -> dict | None:
     return None
   with open(os.path.join(cfg.dataset_dir, "metadata.json"), encoding="utf-8") as f:
     args = json.load(f).get("args", {})
-  have = {k: v for k, v in args.items()
-          if k not in config_lib.RUN_ONLY + config_lib.RETIRED and k != "output"}
-  if have != cfg.fingerprint():
+  if config_lib.recorded_fingerprint(args) != cfg.fingerprint():
     raise BuildError(f"{cfg.dataset_dir} is a finished dataset made with other options: pass "
                      "--overwrite to replace it, or choose another --output/--name/--version")
   work = os.path.join(cfg.dataset_dir, WORK)

@@ -1,9 +1,10 @@
 """Records and shard files: PNG frames, tf.train.Example serialization, TFRecord framing.
 
 Examples are serialized by ``schema.tfds_features(h, w, frame_encoding)`` (tfds's own encoder),
-frames passed as lossless PNG bytes made here with Pillow, or as raw uint8 arrays. The TFRecord framing (length, masked CRC-32C of the
-length, data, masked CRC-32C of the data) is written directly, so that a shard can be rolled back
-to the start of a video that fails half-way: a video's records are all in one shard or in none.
+frames passed as lossless PNG bytes made here with Pillow, or as raw uint8 arrays. The TFRecord
+framing (length, masked CRC-32C of the length, data, masked CRC-32C of the data) is written
+directly, so that a shard can be rolled back to the start of a video that fails half-way: a
+video's records are all in one shard or in none.
 Shards are written under a ``.tmp`` name, fsync'ed, and renamed when complete.
 """
 from __future__ import annotations

@@ -200,12 +200,13 @@ def parse_example(data: bytes, *, decode: bool = True, where: str = "",
 
 
 def decode_raw(data: bytes, image_size, where: str = "") -> np.ndarray:
-  """H*W bytes (data_prep --frame_encoding raw) -> uint8 (H, W, 1), a copy."""
+  """H*W bytes (data_prep --frame_encoding raw) -> uint8 (H, W, 1), a read-only view of them
+  (``parse_example`` stacks the frames into a new array)."""
   h, w = image_size
   if len(data) != h * w:
     raise DatasetError(f"{where}: a raw frame of {len(data)} bytes, but metadata.json's "
                        f"image_size {h}x{w} needs {h * w}")
-  return np.frombuffer(data, np.uint8).reshape(h, w, 1).copy()
+  return np.frombuffer(data, np.uint8).reshape(h, w, 1)
 
 
 def decode_png(data: bytes) -> np.ndarray:

@@ -295,6 +295,26 @@ def test_the_retired_task_flags_say_what_replaced_them(capsys):
   assert "--task_index, --num_tasks: removed" in err and "--runner beam" in err
 
 
+def test_a_dataset_of_an_earlier_version_is_still_recognised_as_finished(tmp_path):
+  """metadata.json of an earlier data_prep: with the retired task options and without the
+  options added since (--frame_encoding). Re-running the same command returns its report;
+  another --frame_encoding is refused."""
+  src = str(tmp_path / "in")
+  make_folder(src, frames=(6, 7))
+  opts = dict(every=3, size=16, min_size=16, patient_regex=REGEX, splits="train=1.0",
+              num_workers=0, progress=False)
+  report = pipeline.build(src, str(tmp_path / "out"), **opts)
+  path = os.path.join(report["dataset_dir"], "metadata.json")
+  meta = json.load(open(path))
+  del meta["args"]["frame_encoding"]
+  meta["args"].update(task_index=0, num_tasks=1, merge=False)
+  with open(path, "w") as f:
+    json.dump(meta, f)
+  assert pipeline.build(src, str(tmp_path / "out"), **opts) == report
+  with pytest.raises(pipeline.BuildError, match="finished dataset made with other options"):
+    pipeline.build(src, str(tmp_path / "out"), frame_encoding="raw", **opts)
+
+
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "covid_blues")),
                     reason="shared COVID-BLUES data not present")
 def test_covid_blues_clips_from_the_manifest(tmp_path):
