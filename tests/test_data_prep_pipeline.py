@@ -20,8 +20,7 @@ from data_prep import readers
 from data_prep import region as region_lib
 from data_prep import schema
 from data_prep import worker as worker_lib
-
-SHARED = "/work/shared/data"
+from tests.conftest import SHARED_DATA as SHARED
 REGEX = r"patient_(?P<patient>\d+)_(?P<side>[LR])"
 
 

@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 from PIL import Image
 from tests import test_readers
+from tests.conftest import SHARED_DATA
 from tests.test_data_prep_pipeline import read_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REAL_DICOM = os.path.join(ROOT, "..", "shared", "data", "dicom", "examples_ybr_color.dcm")
+REAL_DICOM = os.path.join(SHARED_DATA, "dicom", "examples_ybr_color.dcm")
 MUTANTS_PER_BASE = 170     # x 6 synthetic bases = 1,020 (+170 of the real DICOM when present)
 H, W, T = 40, 48, 6
 

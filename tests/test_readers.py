@@ -17,8 +17,9 @@ from pydicom.pixels import apply_color_lut
 from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
 
 from data_prep import readers
+from tests.conftest import SHARED_DATA
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+DATA = SHARED_DATA
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason="../shared/data is absent")
 N_FRAMES = 10
 SIDE = 86  # even, small

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from data_prep import readers, region
+from tests.conftest import SHARED_DATA
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+DATA = SHARED_DATA
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason="../shared/data is absent")
 
 # Synthetic annular sector: apex (20, 120), radii 20..150, half-angle 40 degrees, in 200 x 240.
