@@ -110,9 +110,13 @@ def patient_strata(videos: Iterable[tuple[str, str]]) -> dict[str, str]:
   return {p: min(c, key=lambda lab: (-c[lab], lab == "", lab)) for p, c in votes.items()}
 
 
-def assign_splits(strata: Mapping[str, str], fractions: Mapping[str, float],
+def assign_splits(strata: Mapping[str, str | int], fractions: Mapping[str, float],
                   seed: int) -> dict[str, str]:
-  """patient -> split name, patient-disjoint, stratified by ``strata`` (patient -> label)."""
+  """patient -> split name, patient-disjoint, stratified by ``strata`` (patient -> label).
+
+  The one rule for patients into named fractions: data_prep's --splits and the evaluations'
+  ``ssl_us.eval.splits.group_split`` both use it. Labels may be str or int (not mixed).
+  """
   names = list(fractions)
   totals = split_sizes(len(strata), [fractions[k] for k in names])
   by_stratum: dict[str, list[str]] = collections.defaultdict(list)

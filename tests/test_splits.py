@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from data_prep import splits as prep_splits
 from ssl_us.eval import splits
 
 
@@ -70,6 +71,22 @@ def test_group_split_is_disjoint_and_covers_everything():
   with pytest.raises(ValueError, match="sum to 1"):
     splits.group_split(groups, labels, {"train": .8, "test": .1})
 
+
+
+def test_group_split_is_data_preps_assignment():
+  # 7 patients of class 0, 3 of class 1 into .8/.1/.1: 8/1/1 patients (largest remainder), and
+  # the class rows [5.6 .7 .7] [2.4 .3 .3] rounded so rows and columns add up: [5 1 1] [3 0 0].
+  # (A per-class cut at round(n_c * cumulative fraction) would give [6 0 1] [2 1 0].)
+  groups = np.array([f"p{i}" for i in range(10)])
+  labels = np.array([0] * 7 + [1] * 3)
+  out = splits.group_split(groups, labels, {"train": .8, "val": .1, "test": .1}, seed=5)
+  got = {n: [int((labels[idx] == c).sum()) for c in (0, 1)] for n, idx in out.items()}
+  assert got == {"train": [5, 3], "val": [1, 0], "test": [1, 0]}
+  # Record for record the same as data_prep's --splits on these patients and seed.
+  strata = {str(g): int(c) for g, c in zip(groups, labels)}
+  prep = prep_splits.assign_splits(strata, {"train": .8, "val": .1, "test": .1}, seed=5)
+  assert {n: sorted(groups[idx]) for n, idx in out.items()} == {
+      n: sorted(p for p, s in prep.items() if s == n) for n in out}
 
 # round(f * n_c) patients per class (halves up, at least one) of 13 positive, 17 negative:
 # 0.05 -> (0.65, 0.85) -> (1, 1); 0.1 -> (1.3, 1.7) -> (1, 2); 0.3 -> (3.9, 5.1) -> (4, 5);

@@ -8,7 +8,9 @@ Stratification is by the patient's label (the most frequent label among its reco
 the smaller id). k-fold: patients of each class are shuffled with ``seed`` and dealt
 round-robin, the deal continuing across classes, so every fold gets floor or ceil of (patients
 of class c) / k patients of class c and the fold sizes in patients differ by at most one.
-Named splits: each class's shuffled patients are cut in proportion to the split fractions.
+Named splits are data_prep's patient assignment (``data_prep.splits.assign_splits``), the one
+rule for "patients into named fractions" in this project: split sizes in patients by largest
+remainder, each class divided over them so that rows and columns add up exactly.
 
 Label fractions: from the training records, ``round(fraction * n_c)`` patients of each class c
 (at least 1) are kept, the first ones of a seeded per-class permutation, so for one seed the
@@ -17,6 +19,8 @@ subsets are nested (5% inside 10% inside 30% ...).
 from __future__ import annotations
 
 import numpy as np
+
+from data_prep import splits as prep_splits
 
 
 def _check(groups, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -67,26 +71,21 @@ def group_split(groups, labels, fractions: dict[str, float],
                 seed: int = 0) -> dict[str, np.ndarray]:
   """Named record-index splits, e.g. {'train': .8, 'val': .1, 'test': .1}, grouped by patient.
 
-  Stratified: the n_c patients of class c, shuffled with ``seed``, are cut at
-  round(n_c * cumulative fraction), so split s gets about fraction_s * n_c of them.
+  The patients, stratified by their label, go to the splits by
+  ``data_prep.splits.assign_splits`` (the rule data_prep's --splits uses): split s gets its
+  largest-remainder share of all patients, and each class's share of it.
   """
   groups, labels = _check(groups, labels)
   total = sum(fractions.values())
   if not np.isclose(total, 1.0) or min(fractions.values()) <= 0:
     raise ValueError(f"split fractions must be positive and sum to 1, got {fractions}")
   patients, plabels = patient_labels(groups, labels)
-  rng = np.random.default_rng(seed)
-  cum = np.cumsum([0.0] + list(fractions.values()))
-  split_of = {}
-  for c in np.unique(plabels):
-    members = rng.permutation(patients[plabels == c])
-    edges = np.floor(cum * members.size + 0.5).astype(int)
-    for s, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
-      split_of.update((p, s) for p in members[lo:hi])
-  which = np.array([split_of[g] for g in groups])
+  split_of = prep_splits.assign_splits(
+      {str(p): int(c) for p, c in zip(patients, plabels)}, fractions, seed)
+  which = np.array([split_of[str(g)] for g in groups])
   out = {}
-  for s, name in enumerate(fractions):
-    out[name] = np.flatnonzero(which == s)
+  for name in fractions:
+    out[name] = np.flatnonzero(which == name)
     if out[name].size == 0:
       raise ValueError(f"split {name!r} gets no patients out of {patients.size}")
   return out
