@@ -25,7 +25,9 @@ Adam, the EMA update. No augmentation (the inputs are fixed float views), which 
 
 Each case: ``warmup`` steps (compilation included), then ``steps`` timed steps ended by a
 device sync; reported: items (images or clips) per second, milliseconds per step, MFU for JAX,
-and JAX over PyTorch items/s. One markdown table at the end, and one JSON line per row.
+and JAX over PyTorch items/s. One markdown table at the end, and one JSON line per row. A run
+that fails (out of memory, a compiler error) is a row that says so, with its traceback on
+stderr; the other runs go on and the exit status is 1.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import copy
 import json
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -251,13 +254,23 @@ def main(argv=None) -> int:
     if not a.no_torch:
       runs.append(lambda: run_torch(spec, a.steps, a.warmup,
                                     compile_model=not (a.no_compile or a.tiny)))
-    for run in runs:
-      row = {"case": name, **run()}
+    for framework, run in zip(("jax", "torch"), runs):
+      try:
+        row = {"case": name, **run()}
+      except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: go on)
+        traceback.print_exc()
+        row = {"case": name, "framework": framework, "skipped": _error(e), "error": True}
       rows.append(row)
       print(json.dumps(row), flush=True)
   print(table(rows))
   print(f"total {time.perf_counter() - t_start:.0f} s")
-  return 0
+  return 1 if any(r.get("error") for r in rows) else 0
+
+
+def _error(e: Exception) -> str:
+  """One table-safe line: the exception's type and the start of its first line."""
+  first = (str(e).strip().splitlines() or [""])[0]
+  return f"failed: {type(e).__name__}: {first[:160]}".replace("|", "/")
 
 
 if __name__ == "__main__":

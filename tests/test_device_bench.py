@@ -34,3 +34,25 @@ def test_device_bench_tiny_runs_every_case():
       assert (r["conv_impl"], r["dtype"]) == ("fast", "float32")   # 'auto' on CPU
       assert r["gflop_per_step"] > 0
   assert "| case | framework |" in out and out.count("| simclr_resnet50 |") == 2
+
+
+def test_a_failing_run_is_a_row_and_the_others_go_on(monkeypatch, capsys):
+  from benchmarks import device_bench  # pylint: disable=g-import-not-at-top
+
+  def out_of_memory(spec, steps, warmup):
+    raise RuntimeError(f"RESOURCE_EXHAUSTED: Out of memory | batch {spec['batch']}\nmore")
+
+  monkeypatch.setattr(device_bench, "run_jax", out_of_memory)
+  monkeypatch.setattr(device_bench, "run_torch", lambda spec, steps, warmup, compile_model: {
+      "framework": "torch", "device": "cpu", "compiled": False, "step_ms": 2.0,
+      "items_s": spec["batch"] / 2e-3, "compile_and_warmup_s": 0.0, "loss": 1.0})
+  rc = device_bench.main(["--tiny", "--cases", "simclr_resnet18,simclr_resnet50"])
+  out = capsys.readouterr()
+  assert rc == 1
+  rows = [json.loads(line) for line in out.out.splitlines() if line.startswith("{")]
+  assert [(r["case"], r["framework"], "error" in r) for r in rows] == [
+      ("simclr_resnet18", "jax", True), ("simclr_resnet18", "torch", False),
+      ("simclr_resnet50", "jax", True), ("simclr_resnet50", "torch", False)]
+  assert rows[0]["skipped"] == ("failed: RuntimeError: RESOURCE_EXHAUSTED: Out of memory / "
+                                "batch 4")
+  assert "Traceback" in out.err and out.out.count("| torch | cpu | 2000.0 | 2.0 |") == 2
