@@ -7,8 +7,9 @@ into strata by their label (the most common non-empty label of their videos; tie
 alphabetically first), and each stratum is divided in proportion to the split sizes, so label
 proportions match across splits as closely as whole patients allow. Inside a stratum patients
 are shuffled by ``seed``: the same patients, labels, fractions and seed give the same splits.
-Splits are decided before any video is decoded (so that separate tasks agree), so a patient
-whose videos all turn out unreadable still takes its place in a split.
+Splits are decided before any video is decoded (every worker, local or Beam, reads them), so
+a patient whose videos all turn out unreadable still takes its place in a split. The
+evaluations' named splits (``ssl_us.eval.splits.group_split``) use the same assignment.
 """
 from __future__ import annotations
 
