@@ -133,6 +133,16 @@ def normwise_errors(got, want) -> dict:
           for (p, w), g in zip(want_l, got_l)}
 
 
+
+def assert_value_and_gradient_close(value, want_value, grads, want_grads):
+  """A loss and its gradient equal to a reference up to float32 reordering: the value within
+  FLOAT32_STEP_RTOL relative, the gradient within it normwise (``normwise_errors``)."""
+  value, want_value = float(value), float(want_value)
+  assert math.isfinite(value), value
+  assert abs(value - want_value) <= FLOAT32_STEP_RTOL * abs(want_value), (value, want_value)
+  errors = normwise_errors(grads, want_grads)
+  assert max(errors.values()) <= FLOAT32_STEP_RTOL, errors
+
 def _delta(new, old):
   import jax  # pylint: disable=g-import-not-at-top
   return jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
