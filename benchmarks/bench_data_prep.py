@@ -5,9 +5,10 @@
       --num_workers 2
 
 Every argument is passed to ``python -m data_prep`` (``--overwrite`` is added: each run starts
-from scratch); add ``--runner beam`` for the Beam DirectRunner. Prints one JSON object: wall seconds of the whole build (input scan, decoding,
-writing, merge), videos per minute, input MB/s (source files read), output MB/s (shards
-written), record counts, and the machine (CPU model, cores, Python, date) and command.
+from scratch); add ``--runner beam`` for the Beam DirectRunner. Prints one JSON object: wall
+seconds of the whole build (input scan, decoding, writing, merge), videos per minute, input
+MB/s (source files read), output MB/s (shards written), record counts, and the machine (CPU
+model, cores, Python, date) and command.
 """
 from __future__ import annotations
 
