@@ -2,27 +2,28 @@ r"""Sweeps: a grid of config overrides, one pretraining run per point, one evalu
 
   python -m ssl_us.sweep --config configs/simclr_muscle.py:runlocal --workdir W \
       --set config.data.dir=DIR [--grid config.loss.temperature=0.1,0.5 \
-      --grid config.batch_size=64,128] [--only NAME] [--emit commands | --aggregate]
+      --grid config.batch_size=64,128] [--seeds 3] [--only NAME] [--emit commands | --aggregate]
 
 Grid: the config's ``get_sweep(hyper)`` (big_vision style: ``hyper.sweep``, ``product``,
-``chainit``, ``zipit``, ``fixed``), or the product of the ``--grid`` flags; ``--set`` applies to
-every point. Keys are written ``config.a.b`` as in the configs' sweeps. Every point gets its own
-workdir ``W/<name>``, named from its overrides (``loss.temperature=0.1,batch_size=64``), which is
-a normal pretraining workdir (config.json, checkpoints, logs) plus ``sweep_point.json``: status
-(running, done, failed, stopped), overrides, metrics, error, and the command that reproduces it.
-The learning rate follows the batch through ``optim.lr_scaling`` as in a single run.
+``chainit``, ``zipit``, ``fixed``), or the product of the ``--grid`` flags, times
+``config.seed=0..N-1`` with ``--seeds N``; ``--set`` applies to every point. Keys are written
+``config.a.b`` as in the configs' sweeps. Every point gets its own workdir ``W/<name>``, named
+from its overrides (``loss.temperature=0.1,batch_size=64``), which is a normal pretraining
+workdir (config.json, checkpoints, logs) plus ``sweep_point.json``: status (running, done,
+failed, stopped), overrides, metrics, error, and the command that reproduces it. The learning
+rate follows the batch through ``optim.lr_scaling`` as in a single run.
 
 Before anything runs, every point is checked: a key the config lacks, a value that does not fit
 the field's type, or a config ``train.validate_config`` refuses (a batch that does not divide
 over the devices) is an error naming the point.
 
 Points run one after the other in this process, or ``--parallel K`` at once, each in its own
-process (its ``--only`` command) on a disjoint 1/K of the local GPUs or CPU devices. Re-running the same command skips the finished
-points and resumes an interrupted one from its checkpoints; a point that fails is recorded with
-its error and the sweep goes on; SIGTERM/SIGINT stops the current point with a checkpoint (see
-``train.StopSignal``) and the sweep with it. For a cluster, ``--emit commands`` prints one
-self-contained command per point (the same command with ``--only NAME``), and ``--aggregate``
-builds the report from whatever point workdirs exist.
+process (its ``--only`` command) on a disjoint 1/K of the local GPUs or CPU devices. Re-running
+the same command skips the finished points and resumes an interrupted one from its
+checkpoints; a point that fails is recorded with its error and the sweep goes on; SIGTERM/SIGINT
+stops the current point with a checkpoint (see ``train.StopSignal``) and the sweep with it. For
+a cluster, ``--emit commands`` prints one self-contained command per point (the same command
+with ``--only NAME``), and ``--aggregate`` builds the report from whatever point workdirs exist.
 
 Evaluation of every point, after its pretraining, on ``--eval_split`` of the config's dataset
 (records with a label, at most ``--eval_max``, the first frame or clip of each): kNN accuracy
@@ -32,7 +33,11 @@ Isola, 2020); and the run's final loss, contrastive accuracy and views/s.
 
 Report: ``W/sweep.csv`` and ``W/sweep.md`` (every point, its overrides, every metric, status and
 command), a heatmap PNG per metric over the first two swept keys (a line plot for one key) with
-the best point marked, and ``W/loss_curves.png`` with every point's loss.
+the best point marked, and ``W/loss_curves.png`` with every point's loss. Where config.seed is
+swept beside other keys, the seeds are replicates: ``W/sweep_seeds.csv`` and ``.md`` give every
+other setting's mean and sample standard deviation over its finished seeds, and the plots show
+that mean (best point by the mean) with the deviation. Keys beyond the two plotted show, per
+cell, their best value.
 """
 from __future__ import annotations
 
@@ -57,6 +62,8 @@ POINT_FILE = "sweep_point.json"
 # Metrics of the report; True: higher is better.
 METRICS = {"knn_acc": True, "probe_acc": True, "alignment": False, "uniformity": False,
            "final_loss": False, "final_contrastive_acc": True, "views_per_sec": True}
+# Replicates: points that differ only in this key are summarised by mean and std over it.
+SEED_KEY = "config.seed"
 
 
 class SweepError(ValueError):
@@ -207,6 +214,7 @@ class Sweep:
   eval_max: int = 2000
   monitor_every: int = 0           # the online monitor every N steps (0: off)
   monitor_size: int = 256          # records of --eval_split it evaluates
+  seeds: int = 0                   # --seeds N: every grid point run with config.seed 0..N-1
 
   def config(self, point: Point) -> ml_collections.ConfigDict:
     return apply_overrides(self.base, point.overrides, point.name)
@@ -219,6 +227,8 @@ class Sweep:
       args += ["--set", s]
     for g in self.grids:
       args += ["--grid", g]
+    if self.seeds:
+      args += ["--seeds", str(self.seeds)]
     args += ["--eval_split", self.eval_split, "--eval_max", str(self.eval_max)]
     if self.monitor_every:
       args += ["--monitor_every", str(self.monitor_every), "--monitor_size",
@@ -242,8 +252,9 @@ def load_config_arg(config_arg: str) -> tuple[ml_collections.ConfigDict, Any]:
 
 def build_sweep(config_arg: str, workdir: str, grids: Sequence[str] = (),
                 sets: Sequence[str] = (), eval_split: str = "train", eval_max: int = 2000,
-                monitor_every: int = 0, monitor_size: int = 256) -> Sweep:
-  """Points from --grid (a product) or the config's get_sweep; --set applied to the base."""
+                monitor_every: int = 0, monitor_size: int = 256, seeds: int = 0) -> Sweep:
+  """Points from --grid (a product) or the config's get_sweep, times ``seeds`` values of
+  config.seed if given; --set applied to the base."""
   base, module = load_config_arg(config_arg)
   for s in sets:
     key, values = parse_assignment(s, "--set")
@@ -256,9 +267,16 @@ def build_sweep(config_arg: str, workdir: str, grids: Sequence[str] = (),
     grid = module.get_sweep(hyper)
   else:
     raise SweepError(f"{config_arg}: no get_sweep(hyper) and no --grid flags")
+  if seeds:
+    if seeds < 0:
+      raise SweepError(f"--seeds {seeds}: expected a positive number of seeds")
+    if any(_key(k) == _key(SEED_KEY) for overrides in grid for k in overrides):
+      raise SweepError(f"--seeds {seeds}: the grid already sets {SEED_KEY}; use one or the "
+                       "other")
+    grid = hyper.product([grid, hyper.sweep(SEED_KEY, list(range(seeds)))])
   result = Sweep(config_arg=config_arg, workdir=workdir, base=base, points=make_points(grid),
                  sets=list(sets), grids=list(grids), eval_split=eval_split, eval_max=eval_max,
-                 monitor_every=monitor_every, monitor_size=monitor_size)
+                 monitor_every=monitor_every, monitor_size=monitor_size, seeds=seeds)
   for p in result.points:   # every key and value checked now, before anything runs
     result.config(p)
   return result
@@ -589,7 +607,10 @@ def collect(workdir: str, names: Sequence[str] | None = None) -> list[dict]:
 
 
 def report(workdir: str, names: Sequence[str] | None = None) -> list[dict]:
-  """W/sweep.csv, W/sweep.md, a PNG per metric and W/loss_curves.png; returns the rows."""
+  """W/sweep.csv, W/sweep.md, a PNG per metric and W/loss_curves.png; returns the rows.
+
+  When config.seed is swept with other keys, also W/sweep_seeds.csv and .md (``over_seeds``),
+  and the metric plots show the mean over seeds with its standard deviation."""
   records = collect(workdir, names)
   keys = []
   for r in records:
@@ -607,15 +628,47 @@ def report(workdir: str, names: Sequence[str] | None = None) -> list[dict]:
     rows.append(row)
   fields = ["name", "status", *keys, *METRICS, "error", "command"]
   _write_csv(os.path.join(workdir, "sweep.csv"), fields, rows)
-  _write_md(os.path.join(workdir, "sweep.md"), fields, rows)
+  _write_md(os.path.join(workdir, "sweep.md"), fields, rows, METRICS)
   swept = [k for k in keys if len({_fmt(r[k]) for r in rows}) > 1]
-  plots = []
+  plot_rows, plot_keys, suffix = rows, swept, ""
+  if SEED_KEY in swept and len(swept) > 1:
+    plot_keys = [k for k in swept if k != SEED_KEY]
+    plot_rows = over_seeds(rows, [k for k in keys if k != SEED_KEY])
+    suffix = "_mean"
+    stats = [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+    sfields = [*(k for k in keys if k != SEED_KEY), "seeds", *stats]
+    _write_csv(os.path.join(workdir, "sweep_seeds.csv"), sfields, plot_rows)
+    _write_md(os.path.join(workdir, "sweep_seeds.md"), sfields, plot_rows, stats)
   for metric, higher in METRICS.items():
     path = os.path.join(workdir, f"sweep_{metric}.png")
-    if _plot_metric(rows, swept, metric, higher, path):
-      plots.append(path)
+    _plot_metric(plot_rows, plot_keys, metric + suffix, higher, path)
   _plot_losses(records, os.path.join(workdir, "loss_curves.png"))
   return rows
+
+
+def _number(v) -> float:
+  return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
+
+
+def over_seeds(rows: list[dict], keys: Sequence[str]) -> list[dict]:
+  """One row per setting of ``keys`` (the overrides other than config.seed), in order of first
+  appearance: ``seeds`` ('done/all' points of that setting) and, for every metric, the mean and
+  the sample standard deviation (n - 1) of its finite values over the done points ('' where
+  there are none, and a std only from two values on)."""
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    groups.setdefault(tuple(_fmt(r[k]) for k in keys), []).append(r)
+  out = []
+  for members in groups.values():
+    done = [r for r in members if r["status"] == "done"]
+    row = {k: members[0][k] for k in keys}
+    row["seeds"] = f"{len(done)}/{len(members)}"
+    for metric in METRICS:
+      values = [v for v in (_number(r[metric]) for r in done) if math.isfinite(v)]
+      row[f"{metric}_mean"] = float(np.mean(values)) if values else ""
+      row[f"{metric}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else ""
+    out.append(row)
+  return out
 
 
 def _write_csv(path, fields, rows):
@@ -634,11 +687,11 @@ def _cell(v) -> str:
   return str(_fmt(v) if isinstance(v, (tuple, list)) else v).replace("|", "\\|")
 
 
-def _write_md(path, fields, rows):
+def _write_md(path, fields, rows, numeric):
   lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
   for r in rows:
     cells = [f"`{r[k]}`" if k == "command" and r[k] else
-             _cell(r[k]) if k in METRICS else _cell(_fmt(r[k])) for k in fields]
+             _cell(r[k]) if k in numeric else _cell(_fmt(r[k])) for k in fields]
     lines.append("| " + " | ".join(cells) + " |")
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
@@ -654,20 +707,24 @@ def _best(values, higher):
 
 
 def _plot_metric(rows, swept, metric, higher, path) -> bool:
-  """Heatmap over the first two swept keys (line plot for one); best point marked."""
+  """Heatmap over the first two swept keys (line plot for one); best point marked.
+
+  ``metric`` is a column of ``rows``; for 'X_mean' (``over_seeds`` rows) the column 'X_std'
+  gives error bars, and the heatmap cells read mean and +- std."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  values = [float(r[metric]) if isinstance(r[metric], (int, float)) else float("nan")
-            for r in rows]
+  values = [_number(r[metric]) for r in rows]
   if not swept or all(math.isnan(v) for v in values):
     return False
+  name, replicated = metric.removesuffix("_mean"), metric.endswith("_mean")
+  errors = [_number(r[f"{name}_std"]) if replicated else float("nan") for r in rows]
   best = _best(values, higher)
   fig, ax = plt.subplots(figsize=(6, 4.5))
   if len(swept) == 1:
     k = swept[0]
     xs = [_fmt(r[k]) for r in rows]
-    ax.plot(range(len(xs)), values, "o-")
+    ax.errorbar(range(len(xs)), values, yerr=np.nan_to_num(errors), fmt="o-", capsize=4)
     ax.set_xticks(range(len(xs)), xs)
     ax.set_xlabel(k)
     ax.set_ylabel(metric)
@@ -679,10 +736,11 @@ def _plot_metric(rows, swept, metric, higher, path) -> bool:
     xs = list(dict.fromkeys(_fmt(r[kx]) for r in rows))
     ys = list(dict.fromkeys(_fmt(r[ky]) for r in rows))
     grid = np.full((len(ys), len(xs)), np.nan)
-    for r, v in zip(rows, values):
+    err = np.full_like(grid, np.nan)
+    for r, v, e in zip(rows, values, errors):
       yi, xi = ys.index(_fmt(r[ky])), xs.index(_fmt(r[kx]))
       if math.isnan(grid[yi, xi]) or (v > grid[yi, xi]) == higher:  # other keys: best of them
-        grid[yi, xi] = v
+        grid[yi, xi], err[yi, xi] = v, e
     im = ax.imshow(grid, cmap="viridis" if higher else "viridis_r", aspect="auto")
     fig.colorbar(im, ax=ax, label=metric)
     ax.set_xticks(range(len(xs)), xs)
@@ -695,13 +753,16 @@ def _plot_metric(rows, swept, metric, higher, path) -> bool:
         if not math.isnan(grid[yi, xi]):
           bright = (grid[yi, xi] - lo) > 0.5 * (hi - lo) if higher else (
               grid[yi, xi] - lo) < 0.5 * (hi - lo)
-          ax.text(xi, yi, f"{grid[yi, xi]:.3g}", ha="center", va="center",
-                  color="k" if bright else "w")
+          text = f"{grid[yi, xi]:.3g}"
+          if not math.isnan(err[yi, xi]):
+            text += f"\n±{err[yi, xi]:.2g}"
+          ax.text(xi, yi, text, ha="center", va="center", color="k" if bright else "w")
     if best is not None:
       r = rows[best]
       ax.add_patch(plt.Rectangle((xs.index(_fmt(r[kx])) - 0.5, ys.index(_fmt(r[ky])) - 0.5), 1,
                                  1, fill=False, edgecolor="red", linewidth=3))
-  ax.set_title(f"{metric} ({'higher' if higher else 'lower'} is better; best marked)")
+  what = f"{name}, mean ± std over seeds" if replicated else metric
+  ax.set_title(f"{what} ({'higher' if higher else 'lower'} is better; best marked)")
   from ssl_us.eval import plots  # pylint: disable=g-import-not-at-top
   plots._save(fig, path)  # pylint: disable=protected-access
   return True
@@ -740,6 +801,9 @@ def main(argv=None) -> int:
   p.add_argument("--grid", action="append", default=[],
                  help="config.KEY=V1,V2,...; several flags make a product (default: get_sweep)")
   p.add_argument("--set", action="append", default=[], help="config.KEY=VALUE for every point")
+  p.add_argument("--seeds", type=int, default=0,
+                 help="run every grid point with config.seed 0..N-1; the report adds the mean "
+                 "and std over seeds (sweep_seeds.csv/.md, the plots)")
   p.add_argument("--eval_split", default="train", help="labelled split for the evaluation")
   p.add_argument("--eval_max", type=int, default=2000, help="records evaluated at most")
   p.add_argument("--monitor_every", type=int, default=0,
@@ -761,7 +825,7 @@ def main(argv=None) -> int:
     if not a.config:
       raise SweepError("--config is required (except with --aggregate)")
     sweep = build_sweep(a.config, a.workdir, a.grid, a.set, a.eval_split, a.eval_max,
-                        a.monitor_every, a.monitor_size)
+                        a.monitor_every, a.monitor_size, a.seeds)
     if a.emit == "commands":
       import jax  # pylint: disable=g-import-not-at-top
       check_points(sweep, jax.device_count(), jax.process_count())

@@ -77,6 +77,19 @@ def test_bad_grids_are_errors_naming_the_key(tmp_path, grids, sets, message):
   assert not os.listdir(tmp_path)
 
 
+def test_seeds_replicate_every_grid_point(tmp_path):
+  s = sweep.build_sweep("configs/simclr_muscle.py:runlocal", str(tmp_path),
+                        ["config.loss.temperature=0.1,0.5"], seeds=2)
+  assert [p.name for p in s.points] == [
+      "loss.temperature=0.1,seed=0", "loss.temperature=0.1,seed=1",
+      "loss.temperature=0.5,seed=0", "loss.temperature=0.5,seed=1"]
+  assert [s.config(p).seed for p in s.points] == [0, 1, 0, 1]
+  assert "--seeds 2 --eval_split" in s.command(s.points[3])
+  with pytest.raises(sweep.SweepError, match="the grid already sets config.seed"):
+    sweep.build_sweep("configs/simclr_muscle.py:runlocal", str(tmp_path),
+                      ["config.seed=0,1"], seeds=2)
+
+
 def test_a_batch_that_does_not_divide_is_an_error_before_any_run(tmp_path):
   s = sweep.build_sweep("configs/simclr_muscle.py:runlocal", str(tmp_path / "w"),
                         ["config.batch_size=64,12"], ["config.data.dir=/data/x"])
@@ -206,6 +219,56 @@ def test_aggregate_on_hand_made_point_workdirs(tmp_path):
       "loss.temperature=0.1,done,0.1,0.75,,,,2.5,,,,cmd loss.temperature=0.1",
       "loss.temperature=0.5,failed,0.5,,,,,,,,RuntimeError: boom,cmd loss.temperature=0.5"]
   assert (wd / "sweep_knn_acc.png").exists() and (wd / "loss_curves.png").exists()
+
+
+def test_report_over_seeds_by_hand(tmp_path):
+  wd = tmp_path / "sw"
+  nan = float("nan")
+  points = [  # temperature, seed, status, knn_acc, final_loss ('' : not in the metrics)
+      (0.1, 0, "done", 0.5, 3.0), (0.1, 1, "done", 0.7, 2.0), (0.1, 2, "failed", "", ""),
+      (0.5, 0, "done", 0.8, 1.5), (0.5, 1, "done", 0.6, ""), (0.5, 2, "done", 0.7, nan)]
+  for temp, seed, status, knn, loss in points:
+    name = f"loss.temperature={temp},seed={seed}"
+    metrics = {k: v for k, v in [("knn_acc", knn), ("final_loss", loss)] if v != ""}
+    (wd / name).mkdir(parents=True)
+    (wd / name / sweep.POINT_FILE).write_text(json.dumps(dict(
+        name=name, overrides={"config.loss.temperature": temp, "config.seed": seed},
+        status=status, metrics=metrics, command=f"cmd {name}")))
+  rows = sweep.report(str(wd))
+  assert len(rows) == 6
+  with open(wd / "sweep_seeds.csv") as f:
+    summary = list(csv.DictReader(f))
+  assert [(r["config.loss.temperature"], r["seeds"]) for r in summary] == [("0.1", "2/3"),
+                                                                           ("0.5", "3/3")]
+  t1, t5 = summary
+  # 0.1: knn {0.5, 0.7}: mean 0.6, std sqrt((0.1^2 + 0.1^2) / 1); loss {3, 2}: 2.5, sqrt(0.5).
+  assert float(t1["knn_acc_mean"]) == pytest.approx(0.6)
+  assert float(t1["knn_acc_std"]) == pytest.approx(math.sqrt(0.02))
+  assert float(t1["final_loss_mean"]) == pytest.approx(2.5)
+  assert float(t1["final_loss_std"]) == pytest.approx(math.sqrt(0.5))
+  # 0.5: knn {0.8, 0.6, 0.7}: 0.7, sqrt(0.02 / 2); loss: one finite value, so no std.
+  assert float(t5["knn_acc_mean"]) == pytest.approx(0.7)
+  assert float(t5["knn_acc_std"]) == pytest.approx(0.1)
+  assert float(t5["final_loss_mean"]) == 1.5 and t5["final_loss_std"] == ""
+  assert t5["probe_acc_mean"] == "" and t5["probe_acc_std"] == ""
+  assert "config.seed" not in summary[0]
+  md = (wd / "sweep_seeds.md").read_text().splitlines()
+  assert md[0].startswith("| config.loss.temperature | seeds | knn_acc_mean | knn_acc_std |")
+  assert md[2].startswith("| 0.1 | 2/3 | 0.6 | 0.1414 |"), md[2]
+  assert (wd / "sweep_knn_acc.png").exists()
+
+
+def test_report_without_replicates_writes_no_seed_summary(tmp_path):
+  wd = tmp_path / "sw"
+  for seed, knn in [(0, 0.5), (1, 0.7)]:   # only the seed varies: nothing to average over
+    name = f"seed={seed}"
+    (wd / name).mkdir(parents=True)
+    (wd / name / sweep.POINT_FILE).write_text(json.dumps(dict(
+        name=name, overrides={"config.seed": seed}, status="done",
+        metrics={"knn_acc": knn})))
+  sweep.report(str(wd))
+  assert not (wd / "sweep_seeds.csv").exists()
+  assert (wd / "sweep_knn_acc.png").exists()
 
 
 def test_emit_commands_prints_one_runnable_command_per_point(tmp_path):
