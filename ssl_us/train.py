@@ -18,6 +18,8 @@ all processes); a damaged newest checkpoint falls back to the next (``checkpoint
 Imports: the checkpoints (ssl_us.checkpoint, which saves grain's iterator state) are imported by
 ``train_and_evaluate``, the one function that uses them, so that the step builds on a host
 without grain or tensorflow (benchmarks/device_bench.py; tests/test_device_bench.py checks it).
+A whole run needs no tensorflow either: records are parsed with protobuf alone, and metrics go
+through ``writers.create_writer`` (tests/test_train.py checks it).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
-from ssl_us import gradcache, input_pipeline, models, parallel
+from ssl_us import gradcache, input_pipeline, models, parallel, writers
 from ssl_us.methods import make_method
 
 # ----------------------------------------------------------------------------------------------
@@ -360,7 +362,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   row (checked at log steps, where metrics reach the host).
   """
   from ssl_us import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   setup = build(config, mesh)
   config = setup.config
   os.makedirs(workdir, exist_ok=True)
@@ -382,8 +383,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   start = int(restored_step or 0)
 
   step_fn = make_train_step(setup.method, setup.tx, setup.schedule, setup.mesh)
-  writer = metric_writers.create_default_writer(
-      os.path.join(workdir, "logs"), just_logging=jax.process_index() > 0, asynchronous=True)
+  writer = writers.create_writer(os.path.join(workdir, "logs"),
+                                 just_logging=jax.process_index() > 0)
   if start == 0:
     writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
 

@@ -135,6 +135,37 @@ def test_device_prefetch_order_limit_and_state(size):
     input_pipeline.DevicePrefetch(it, put, size=0)
 
 
+def test_training_without_tensorflow_logs_what_clus_writer_logs(dataset, tmp_path):
+  """A host without tensorflow (a GPU/TPU image): clu's writer cannot be imported there, so the
+  run logs through tensorboard's own event writer. Same losses as with tensorflow, and the same
+  TensorBoard scalars and hyperparameters as clu's writer wrote."""
+  script = ("import json, sys\n"
+            "for m in ('tensorflow', 'tensorflow_datasets'):\n"
+            "  sys.modules[m] = None\n"
+            "from tests.test_train import tiny_config\n"
+            "from ssl_us import train\n"
+            "h = train.train_and_evaluate(tiny_config(sys.argv[1]), sys.argv[2])\n"
+            "print(json.dumps(h['loss']))\n")
+  r = subprocess.run([sys.executable, "-c", script, dataset, str(tmp_path / "no_tf")], cwd=ROOT,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "tensorflow is not installed" in r.stderr
+  with_tf = train.train_and_evaluate(tiny_config(dataset), str(tmp_path / "tf"))
+  assert json.loads(r.stdout.splitlines()[-1]) == with_tf["loss"]
+  from ssl_us import sweep  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  logs = {}
+  for name in ("no_tf", "tf"):
+    scalars = sweep.read_scalars(str(tmp_path / name / "logs"))
+    timing = {"steps_per_sec", "views_per_sec", "eta_min"}   # wall-clock rates differ
+    logs[name] = {k: v for k, v in scalars.items() if k not in timing}
+    acc = event_accumulator.EventAccumulator(str(tmp_path / name / "logs"))
+    acc.Reload()
+    assert "_hparams_/session_start_info" in acc.summary_metadata, name
+  assert logs["no_tf"] == logs["tf"]
+  assert [s for s, _ in logs["tf"]["loss"]] == [1, 2, 3, 4]
+
+
 def test_load_encoder_round_trip(dataset, tmp_path):
   config = tiny_config(dataset, num_steps=2)
   mesh = parallel.make_mesh(1)
