@@ -632,11 +632,12 @@ def report(workdir: str, names: Sequence[str] | None = None) -> list[dict]:
   swept = [k for k in keys if len({_fmt(r[k]) for r in rows}) > 1]
   plot_rows, plot_keys, suffix = rows, swept, ""
   if SEED_KEY in swept and len(swept) > 1:
+    others = [k for k in keys if k != SEED_KEY]
     plot_keys = [k for k in swept if k != SEED_KEY]
-    plot_rows = over_seeds(rows, [k for k in keys if k != SEED_KEY])
+    plot_rows = over_seeds(rows, others)
     suffix = "_mean"
     stats = [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
-    sfields = [*(k for k in keys if k != SEED_KEY), "seeds", *stats]
+    sfields = [*others, "seeds", *stats]
     _write_csv(os.path.join(workdir, "sweep_seeds.csv"), sfields, plot_rows)
     _write_md(os.path.join(workdir, "sweep_seeds.md"), sfields, plot_rows, stats)
   for metric, higher in METRICS.items():

@@ -133,7 +133,6 @@ def normwise_errors(got, want) -> dict:
           for (p, w), g in zip(want_l, got_l)}
 
 
-
 def assert_value_and_gradient_close(value, want_value, grads, want_grads):
   """A loss and its gradient equal to a reference up to float32 reordering: the value within
   FLOAT32_STEP_RTOL relative, the gradient within it normwise (``normwise_errors``)."""
@@ -142,6 +141,7 @@ def assert_value_and_gradient_close(value, want_value, grads, want_grads):
   assert abs(value - want_value) <= FLOAT32_STEP_RTOL * abs(want_value), (value, want_value)
   errors = normwise_errors(grads, want_grads)
   assert max(errors.values()) <= FLOAT32_STEP_RTOL, errors
+
 
 def _delta(new, old):
   import jax  # pylint: disable=g-import-not-at-top

@@ -72,7 +72,6 @@ def test_group_split_is_disjoint_and_covers_everything():
     splits.group_split(groups, labels, {"train": .8, "test": .1})
 
 
-
 def test_group_split_is_data_preps_assignment():
   # 7 patients of class 0, 3 of class 1 into .8/.1/.1: 8/1/1 patients (largest remainder), and
   # the class rows [5.6 .7 .7] [2.4 .3 .3] rounded so rows and columns add up: [5 1 1] [3 0 0].
@@ -87,6 +86,7 @@ def test_group_split_is_data_preps_assignment():
   prep = prep_splits.assign_splits(strata, {"train": .8, "val": .1, "test": .1}, seed=5)
   assert {n: sorted(groups[idx]) for n, idx in out.items()} == {
       n: sorted(p for p, s in prep.items() if s == n) for n in out}
+
 
 # round(f * n_c) patients per class (halves up, at least one) of 13 positive, 17 negative:
 # 0.05 -> (0.65, 0.85) -> (1, 1); 0.1 -> (1.3, 1.7) -> (1, 2); 0.3 -> (3.9, 5.1) -> (4, 5);

@@ -154,10 +154,10 @@ def test_training_without_tensorflow_logs_what_clus_writer_logs(dataset, tmp_pat
   assert json.loads(r.stdout.splitlines()[-1]) == with_tf["loss"]
   from ssl_us import sweep  # pylint: disable=g-import-not-at-top
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  timing = {"steps_per_sec", "views_per_sec", "eta_min"}   # wall-clock rates differ
   logs = {}
   for name in ("no_tf", "tf"):
     scalars = sweep.read_scalars(str(tmp_path / name / "logs"))
-    timing = {"steps_per_sec", "views_per_sec", "eta_min"}   # wall-clock rates differ
     logs[name] = {k: v for k, v in scalars.items() if k not in timing}
     acc = event_accumulator.EventAccumulator(str(tmp_path / name / "logs"))
     acc.Reload()
