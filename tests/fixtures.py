@@ -243,11 +243,17 @@ def assert_sharded_step_equals_single_device(config, steps: int = 2, devices: in
   return errors
 
 
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a test subprocess: ``devices`` fake CPU devices and the suite's compiler
+  flags (tests/conftest.py, SSL_US_TEST_XLA_FLAGS)."""
+  return (f"--xla_force_host_platform_device_count={devices} "
+          f"{os.environ.get('SSL_US_TEST_XLA_FLAGS', '')}").strip()
+
+
 def run_on_8_cpu_devices(script: str, *args: str, timeout: int = 300) -> str:
   """Runs ``python -c script args`` from the repository root on 8 fake CPU devices; asserts a
   zero exit and stdout starting with "OK"; returns stdout."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run([sys.executable, "-c", script, *args], cwd=root, env=env,
                        capture_output=True, text=True, timeout=timeout)

@@ -16,7 +16,8 @@ import time
 
 
 def main(pid, nproc, port, data_dir, workdir, out, num_steps="3", num_workers="0", pace="0"):
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "
+                             + os.environ.get("SSL_US_TEST_XLA_FLAGS", ""))
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax  # pylint: disable=g-import-not-at-top
 

@@ -116,8 +116,6 @@ def test_bad_labels_raise():
 
 
 _SHARDED = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
     from ssl_us import losses, parallel
@@ -227,8 +225,7 @@ def test_method_loss_uses_anatomy_labels():
 
 
 _SHARDED_METHOD = textwrap.dedent("""
-    import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
     from ssl_us import parallel

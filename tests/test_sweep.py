@@ -277,7 +277,7 @@ def test_emit_commands_prints_one_runnable_command_per_point(tmp_path):
                       "--set", "config.data.dir=/data/x", "--grid",
                       "config.loss.temperature=0.1,0.5", "--emit", "commands"],
                      cwd=ROOT, capture_output=True, text=True, timeout=300,
-                     env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                     env=dict(os.environ, XLA_FLAGS=fixtures.xla_flags(8)))
   assert r.returncode == 0, r.stderr[-2000:]
   lines = r.stdout.strip().splitlines()
   assert len(lines) == 2
@@ -314,7 +314,7 @@ def test_parallel_points_run_on_disjoint_device_shares(dataset, tmp_path):
   r = subprocess.run([sys.executable, "-m", "ssl_us.sweep", "--config", cfg, "--workdir",
                       str(wd), "--grid", "config.loss.temperature=0.2,0.5", "--parallel", "2"],
                      cwd=ROOT, capture_output=True, text=True, timeout=600,
-                     env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                     env=dict(os.environ, XLA_FLAGS=fixtures.xla_flags(8)))
   assert r.returncode == 0, r.stderr[-3000:]
   for name in ("loss.temperature=0.2", "loss.temperature=0.5"):
     rec = sweep.read_point(str(wd / name))

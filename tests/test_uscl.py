@@ -89,8 +89,6 @@ def test_uscl_loss_is_nt_xent_plus_weighted_ce():
 
 
 _SHARDED = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
     from ssl_us import losses, parallel
