@@ -41,5 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Steps whose loss or gradient is NaN/Inf leave the state unchanged; after this many in a row
   # (checked at log steps) the run stops with an error naming the newest good checkpoint.
   c.max_nonfinite_steps = 10
+  # Trace steps start_step + 1 .. start_step + num_steps (0: off) into <workdir>/logs for
+  # TensorBoard's Profile tab, with a summary.md of the op times (ssl_us/profiling.py).
+  c.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0))
   c.progress_bar = True
   return c

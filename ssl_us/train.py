@@ -41,7 +41,7 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
-from ssl_us import gradcache, input_pipeline, models, parallel, writers
+from ssl_us import gradcache, input_pipeline, models, parallel, profiling, writers
 from ssl_us.methods import make_method
 
 # ----------------------------------------------------------------------------------------------
@@ -83,6 +83,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
   pf = config.get("prefetch", 2)
   if not isinstance(pf, int) or pf < 1:
     raise ValueError(f"config.prefetch must be an int >= 1 (1: no prefetch), got {pf!r}")
+  profiling.validate(config.get("profile", {}))
   m = config.get("max_nonfinite_steps", 1)
   if not isinstance(m, int) or m < 1:
     raise ValueError(f"config.max_nonfinite_steps must be an int >= 1, got {m!r}")
@@ -397,14 +398,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   batches = input_pipeline.DevicePrefetch(
       data_iter, functools.partial(parallel.shard_host_batch, mesh=setup.mesh),
       size=config.get("prefetch", 2), limit=end - start)
+  prof = config.get("profile", {})
+  trace = profiling.StepTrace(os.path.join(workdir, "logs"), prof.get("start_step", 0),
+                              prof.get("num_steps", 0), enabled=jax.process_index() == 0,
+                              say=say)
+  trace.check(start, end)
   pending, count = None, 0  # metric sums stay on device between logging steps
   monitored = []            # (step, device metrics) of the online monitor since the last log
   last = start
   with StopSignal() as stop:
     for step in range(start, end):
-      state, metrics = step_fn(state, next(batches))
+      trace.start(step, state)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+        state, metrics = step_fn(state, next(batches))
       pending, count = _accumulate(pending, metrics), count + 1
       last = step + 1
+      trace.stop(last, state)
       if monitor is not None and last % monitor.every == 0:
         monitored.append((last, monitor.fn(state)))
       stopping = stop.should_stop(last)
@@ -440,6 +449,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
         say(f"{history['preempted']}: stopped after step {last} of {end}, checkpoint saved in "
             f"{manager.directory}; run the same command to resume")
         break
+  trace.close(last, state)
   manager.wait_until_finished()
   writer.flush()
   progress.close()
