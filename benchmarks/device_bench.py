@@ -2,6 +2,7 @@
 
   python -m benchmarks.device_bench                 # on a GPU machine, under 8 minutes
   python -m benchmarks.device_bench --tiny          # toy sizes, on CPU (tests/test_device_bench.py)
+  python -m benchmarks.device_bench --profile DIR   # also a trace and op summary per JAX case
 
 Needs jax, flax, optax and orbax (and torch for the mirrors: without it the torch rows say so);
 no tensorflow, network or data: batches are synthetic uint8, made once on the host and placed
@@ -28,6 +29,10 @@ device sync; reported: items (images or clips) per second, milliseconds per step
 and JAX over PyTorch items/s. One markdown table at the end, and one JSON line per row. A run
 that fails (out of memory, a compiler error) is a row that says so, with its traceback on
 stderr; the other runs go on and the exit status is 1.
+
+``--profile DIR`` then traces 2 more JAX steps per case (ssl_us/profiling.py, as
+config.profile does in a run) and prints where their time went (kinds of op and the longest
+XLA ops), keeping DIR/CASE.xplane.pb and DIR/CASE.md.
 """
 from __future__ import annotations
 
@@ -57,8 +62,9 @@ TINY = {
 }
 
 
-def case_spec(name: str, tiny: bool) -> dict:
-  return {**CASES[name], **(TINY[name] if tiny else {})}
+def case_spec(name: str, tiny: bool, conv_impl: str = "auto", dtype: str = "auto") -> dict:
+  return {"name": name, **CASES[name], **(TINY[name] if tiny else {}), "conv_impl": conv_impl,
+          "dtype": dtype}
 
 
 def make_config(spec: dict):
@@ -68,11 +74,12 @@ def make_config(spec: dict):
   if spec["method"] == "byol":
     c = byol_lung.get_config()
     c.clips.clip_len = spec["frames"]
-    c.model.encoder_kwargs = ml_collections.ConfigDict(dict(num_filters=spec["width"]))
   else:
     c = common.base_config()
     c.model.encoder = spec["encoder"]
-    c.model.encoder_kwargs = ml_collections.ConfigDict(dict(num_filters=spec["width"]))
+  c.model.encoder_kwargs = ml_collections.ConfigDict(dict(
+      num_filters=spec["width"], conv_impl=spec.get("conv_impl", "auto")))
+  c.model.dtype = spec.get("dtype", "auto")
   c.image_size = (spec["size"], spec["size"])
   c.batch_size = spec["batch"]
   c.num_epochs, c.num_steps = 0, 10_000
@@ -93,7 +100,7 @@ def _peak(kind: str) -> float | None:
   return next((v for k, v in PEAK_BF16.items() if kind.startswith(k)), None)
 
 
-def run_jax(spec: dict, steps: int, warmup: int) -> dict:
+def run_jax(spec: dict, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from ssl_us import models, ops, parallel, train  # pylint: disable=g-import-not-at-top
@@ -122,15 +129,42 @@ def run_jax(spec: dict, steps: int, warmup: int) -> dict:
     state, metrics = compiled(state, dev_batch)
   jax.block_until_ready(state)
   dt = (time.perf_counter() - t0) / steps
+  if profile_dir:
+    state = _profile(compiled, state, dev_batch, profile_dir, spec["name"])
   device = jax.devices()[0]
   peak = _peak(device.device_kind)
   return {"framework": "jax", "device": device.device_kind,
-          "conv_impl": ops.resolve_impl("auto"),
+          "conv_impl": ops.resolve_impl(config.model.encoder_kwargs.conv_impl),
           "dtype": np.dtype(models.compute_dtype(config.model.dtype)).name,
           "step_ms": round(1e3 * dt, 2), "items_s": round(spec["batch"] / dt, 1),
           "gflop_per_step": float(f"{flops / 1e9:.4g}"),
           "mfu": round(flops / dt / peak, 3) if peak else None,
           "compile_and_warmup_s": round(first, 1), "loss": round(loss, 4)}
+
+
+def _profile(compiled, state, batch, out_dir: str, name: str, steps: int = 2):
+  """Traces ``steps`` more steps (ssl_us.profiling.StepTrace, as config.profile does in a run);
+  copies the trace and its summary to OUT_DIR/NAME.xplane.pb and NAME.md (one folder deep, as
+  the device tool brings files back) and prints the summary."""
+  import os  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from ssl_us import profiling  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  with tempfile.TemporaryDirectory() as logdir:
+    trace = profiling.StepTrace(logdir, 0, steps, enabled=True,
+                                say=lambda m: print(m, file=sys.stderr))
+    for step in range(steps):
+      trace.start(step, state)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+        state, _ = compiled(state, batch)
+      trace.stop(step + 1, state)
+    shutil.copyfile(trace.files[0], os.path.join(out_dir, f"{name}.xplane.pb"))
+    shutil.copyfile(trace.files[1], os.path.join(out_dir, f"{name}.md"))
+    with open(trace.files[1]) as f:
+      print(f.read().replace("# Steps 1-", f"# {name}: profile of steps 1-"), flush=True)
+  return state
 
 
 def run_torch(spec: dict, steps: int, warmup: int, compile_model: bool) -> dict:
@@ -244,13 +278,20 @@ def main(argv=None) -> int:
   p.add_argument("--cases", default=",".join(CASES))
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--conv_impl", default="auto", choices=("auto", "fast", "xla"),
+                 help="the JAX encoders' kernels (auto: ops.py's on CPU, XLA's elsewhere)")
+  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                 help="the JAX compute dtype (auto: float32 on CPU, bfloat16 elsewhere)")
   p.add_argument("--no_torch", action="store_true")
   p.add_argument("--no_compile", action="store_true", help="PyTorch eager (--tiny implies it)")
+  p.add_argument("--profile", metavar="DIR", default=None,
+                 help="after timing, trace 2 JAX steps per case: DIR/CASE.xplane.pb (for "
+                      "TensorBoard's Profile tab) and DIR/CASE.md, the op times (printed too)")
   a = p.parse_args(argv)
   rows, t_start = [], time.perf_counter()
   for name in a.cases.split(","):
-    spec = case_spec(name, a.tiny)
-    runs = [lambda: run_jax(spec, a.steps, a.warmup)]
+    spec = case_spec(name, a.tiny, a.conv_impl, a.dtype)
+    runs = [lambda: run_jax(spec, a.steps, a.warmup, a.profile)]
     if not a.no_torch:
       runs.append(lambda: run_torch(spec, a.steps, a.warmup,
                                     compile_model=not (a.no_compile or a.tiny)))

@@ -7,18 +7,21 @@ import os
 import subprocess
 import sys
 
+from tests import fixtures
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_device_bench_tiny_runs_every_case():
+def test_device_bench_tiny_runs_every_case(tmp_path):
   from benchmarks import device_bench  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, XLA_FLAGS="")   # one CPU device, as on a one-GPU machine
+  env = dict(os.environ, XLA_FLAGS=fixtures.xla_flags(1))   # one device, as on a 1-GPU machine
   # As on the GPU image the issue names: no tensorflow, grain or apache_beam to import.
   run = ("import runpy, sys\n"
          "for m in ('tensorflow', 'grain', 'tensorflow_datasets', 'apache_beam'):\n"
          "  sys.modules[m] = None\n"
          "runpy.run_module('benchmarks.device_bench', run_name='__main__', alter_sys=True)\n")
-  out = subprocess.run([sys.executable, "-c", run, "--tiny", "--steps", "1", "--warmup", "1"],
+  out = subprocess.run([sys.executable, "-c", run, "--tiny", "--steps", "1", "--warmup", "1",
+                        "--profile", str(tmp_path)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
                        check=True).stdout
   rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -34,12 +37,20 @@ def test_device_bench_tiny_runs_every_case():
       assert (r["conv_impl"], r["dtype"]) == ("fast", "float32")   # 'auto' on CPU
       assert r["gflop_per_step"] > 0
   assert "| case | framework |" in out and out.count("| simclr_resnet50 |") == 2
+  # --profile: each JAX case's trace and op summary, one folder deep, the summary printed.
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      f"{c}.{ext}" for c in device_bench.CASES for ext in ("md", "xplane.pb"))
+  for c in device_bench.CASES:
+    with open(tmp_path / f"{c}.md") as f:
+      summary = f.read()
+    assert summary.startswith("# Steps 1-2\n") and "| op | kind | ms/step |" in summary
+    assert f"# {c}: profile of steps 1-2\n" in out
 
 
 def test_a_failing_run_is_a_row_and_the_others_go_on(monkeypatch, capsys):
   from benchmarks import device_bench  # pylint: disable=g-import-not-at-top
 
-  def out_of_memory(spec, steps, warmup):
+  def out_of_memory(spec, steps, warmup, profile_dir):
     raise RuntimeError(f"RESOURCE_EXHAUSTED: Out of memory | batch {spec['batch']}\nmore")
 
   monkeypatch.setattr(device_bench, "run_jax", out_of_memory)
