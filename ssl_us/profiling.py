@@ -105,10 +105,10 @@ def summarize(path: str, *, steps: int, wall_s: float | None = None, top: int = 
   """Op times of one xplane file: per op (hlo_op stat), per kind of op, per step.
 
   Device planes (``/device:...``) are read where they hold XLA ops, else the host's (the CPU
-  backend runs its ops there); see ``_plane_ops`` for which lines count. Returns {'where', 'steps', 'op_ms_per_step',
-  'wall_ms_per_step' (None without wall_s), 'ops': [{'op', 'kind', 'module', 'kernel',
-  'count', 'ms_per_step', 'share'}] (the ``top`` longest), 'kinds': [{'kind', 'ms_per_step',
-  'share'}]}.
+  backend runs its ops there); see ``_plane_ops`` for which lines count. Returns {'where',
+  'steps', 'op_ms_per_step', 'wall_ms_per_step' (None without wall_s), 'ops': [{'op', 'kind',
+  'module', 'kernel', 'count', 'ms_per_step', 'share'}] (the ``top`` longest), 'kinds':
+  [{'kind', 'ms_per_step', 'share'}] (the ``top`` longest, then the others as one row)}.
   """
   from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
   with open(path, "rb") as f:
@@ -136,6 +136,9 @@ def summarize(path: str, *, steps: int, wall_s: float | None = None, top: int = 
   kinds = collections.Counter()
   for op, ns in total_ns.items():
     kinds[op_kind(op)] += ns
+  kind_rows, rest = kinds.most_common(top), kinds.most_common()[top:]
+  if rest:
+    kind_rows.append((f"{len(rest)} other kinds", sum(ns for _, ns in rest)))
   return {
       "where": where, "steps": steps, "op_ms_per_step": per_step(all_ns),
       "wall_ms_per_step": None if wall_s is None else 1e3 * wall_s / max(steps, 1),
@@ -144,7 +147,7 @@ def summarize(path: str, *, steps: int, wall_s: float | None = None, top: int = 
                "ms_per_step": per_step(ns), "share": share(ns)}
               for op, ns in total_ns.most_common(top)],
       "kinds": [{"kind": k, "ms_per_step": per_step(ns), "share": share(ns)}
-                for k, ns in kinds.most_common()]}
+                for k, ns in kind_rows]}
 
 
 def _plane_ops(plane) -> list[tuple[str, str, str, float]]:

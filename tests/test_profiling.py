@@ -125,8 +125,10 @@ def test_summary_by_hand(tmp_path):
   text = profiling.markdown(s, title="t")
   assert "6.00 ms wall per step, 4.50 ms of XLA ops per step on the device" in text
   assert "| custom-call.7 | custom-call | 2.500 | 55.6% | 1 | jit_train_step |" in text
-  assert [o["op"] for o in profiling.summarize(str(path), steps=2, top=1)["ops"]] == [
-      "custom-call.7"]
+  one = profiling.summarize(str(path), steps=2, top=1)
+  assert [o["op"] for o in one["ops"]] == ["custom-call.7"]
+  assert [(k["kind"], k["ms_per_step"]) for k in one["kinds"]] == [
+      ("custom-call", pytest.approx(2.5)), ("1 other kinds", pytest.approx(2.0))]
 
 
 def test_summary_reads_a_tpu_like_plane_from_its_xla_ops_line(tmp_path):
