@@ -7,7 +7,7 @@ its Profile tab (``pip install tensorboard-plugin-profile``), next to the scalar
 a ``StepTraceAnnotation('train', step_num=step)``, so the profile tools see step boundaries.
 
 The window is exact: the device is waited for before the first traced step and after the last,
-two host syncs that happen once per run and change no result (tests/test_train.py).
+two host syncs that happen once per run and change no result (tests/test_profiling.py).
 
 ``summarize`` reads a trace with jaxlib's ``ProfileData`` (no TensorBoard needed) and writes
 ``summary.md`` beside it: wall time per traced step, the time the device spent in XLA ops per
@@ -27,7 +27,8 @@ import time
 
 import jax
 
-# Lines that the profiler derives from other lines (they would count every op twice).
+# Lines that the profiler derives from other lines (they would count every op twice); 'XLA Ops'
+# is read only where no other line holds the ops (``_plane_ops``).
 _DERIVED_LINES = ("XLA Ops", "XLA Modules", "Steps", "Framework Ops", "Framework Name Scope",
                   "Source code", "XLA TraceMe", "TensorFlow Name Scope", "TensorFlow Ops")
 
