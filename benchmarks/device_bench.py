@@ -129,17 +129,28 @@ def run_jax(spec: dict, steps: int, warmup: int, profile_dir: str | None = None)
     state, metrics = compiled(state, dev_batch)
   jax.block_until_ready(state)
   dt = (time.perf_counter() - t0) / steps
-  if profile_dir:
-    state = _profile(compiled, state, dev_batch, profile_dir, spec["name"])
+  profiled = None
+  if profile_dir:     # after the timing; a failure here keeps the row's figures
+    try:
+      _profile(compiled, state, dev_batch, profile_dir, spec["name"])
+      profiled = "ok"
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc()
+      profiled = _error(e)
+      try:
+        jax.profiler.stop_trace()   # so that the next case can trace; none may be running
+      except RuntimeError:
+        pass
   device = jax.devices()[0]
   peak = _peak(device.device_kind)
-  return {"framework": "jax", "device": device.device_kind,
-          "conv_impl": ops.resolve_impl(config.model.encoder_kwargs.conv_impl),
-          "dtype": np.dtype(models.compute_dtype(config.model.dtype)).name,
-          "step_ms": round(1e3 * dt, 2), "items_s": round(spec["batch"] / dt, 1),
-          "gflop_per_step": float(f"{flops / 1e9:.4g}"),
-          "mfu": round(flops / dt / peak, 3) if peak else None,
-          "compile_and_warmup_s": round(first, 1), "loss": round(loss, 4)}
+  row = {"framework": "jax", "device": device.device_kind,
+         "conv_impl": ops.resolve_impl(config.model.encoder_kwargs.conv_impl),
+         "dtype": np.dtype(models.compute_dtype(config.model.dtype)).name,
+         "step_ms": round(1e3 * dt, 2), "items_s": round(spec["batch"] / dt, 1),
+         "gflop_per_step": float(f"{flops / 1e9:.4g}"),
+         "mfu": round(flops / dt / peak, 3) if peak else None,
+         "compile_and_warmup_s": round(first, 1), "loss": round(loss, 4)}
+  return dict(row, profile=profiled) if profiled else row
 
 
 def _profile(compiled, state, batch, out_dir: str, name: str, steps: int = 2):
@@ -164,7 +175,6 @@ def _profile(compiled, state, batch, out_dir: str, name: str, steps: int = 2):
     shutil.copyfile(trace.files[1], os.path.join(out_dir, f"{name}.md"))
     with open(trace.files[1]) as f:
       print(f.read().replace("# Steps 1-", f"# {name}: profile of steps 1-"), flush=True)
-  return state
 
 
 def run_torch(spec: dict, steps: int, warmup: int, compile_model: bool) -> dict:
@@ -267,6 +277,8 @@ def table(rows: list[dict]) -> str:
     notes = (f"{r['conv_impl']} kernels, {r['dtype']}, {r['gflop_per_step']} GFLOP/step"
              if r["framework"] == "jax" else
              f"bf16 autocast, channels_last, {'compiled' if r['compiled'] else 'eager'}")
+    if r.get("profile", "ok") != "ok":
+      notes += f"; profile {r['profile']}"
     lines.append(f"| {r['case']} | {r['framework']} | {r['device']} | {r['items_s']} | "
                  f"{r['step_ms']} | {mfu} | {ratio} | {notes} |")
   return "\n".join(lines)

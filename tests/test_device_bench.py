@@ -47,6 +47,39 @@ def test_device_bench_tiny_runs_every_case(tmp_path):
     assert f"# {c}: profile of steps 1-2\n" in out
 
 
+def test_a_failing_profile_keeps_the_rows_figures(monkeypatch, tmp_path, capsys):
+  """--profile runs after the timing: if tracing fails, the row keeps its figures and says
+  why, and the next case can trace again."""
+  from benchmarks import device_bench  # pylint: disable=g-import-not-at-top
+  from ssl_us import profiling  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def fail_once(*args):
+    calls.append(args[-1])
+    if len(calls) == 1:
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.profiler.start_trace(str(tmp_path / "left_running"))
+      raise ValueError("no device plane | here")
+    return profile(*args)
+
+  profile = device_bench._profile  # pylint: disable=protected-access
+  monkeypatch.setattr(device_bench, "_profile", fail_once)
+  monkeypatch.setattr(device_bench, "CASES", dict(device_bench.CASES,
+                                                  again=device_bench.CASES["simclr_resnet18"]))
+  monkeypatch.setattr(device_bench, "TINY", dict(device_bench.TINY,   # the same step again:
+                                                 again=device_bench.TINY["simclr_resnet18"]))
+  rc = device_bench.main(["--tiny", "--no_torch", "--cases", "simclr_resnet18,again",
+                          "--steps", "1", "--warmup", "1", "--profile", str(tmp_path / "p")])
+  out = capsys.readouterr().out
+  rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+  assert rc == 0 and calls == ["simclr_resnet18", "again"]
+  assert rows[0]["profile"] == "failed: ValueError: no device plane / here"
+  assert rows[0]["items_s"] > 0 and rows[1]["profile"] == "ok"
+  assert "; profile failed: ValueError" in out
+  assert profiling.trace_files(str(tmp_path / "left_running"))     # stopped, hence written
+  assert sorted(os.listdir(tmp_path / "p")) == ["again.md", "again.xplane.pb"]
+
+
 def test_a_failing_run_is_a_row_and_the_others_go_on(monkeypatch, capsys):
   from benchmarks import device_bench  # pylint: disable=g-import-not-at-top
 
