@@ -30,9 +30,7 @@ grayscale channel, as the data pipeline delivers.
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
-import glob
 import json
 import os
 import re
@@ -269,35 +267,23 @@ def memory_case(model: str, size: int, pairs: int, microbatches: int, *, steps: 
 
 def profile(model: str, size: int, pairs: int, logdir: str, *, dtype="float32",
             conv_impl="fast", steps=2, top=25, microbatches=1) -> list[dict]:
-  """Traces ``steps`` steps and sums the CPU time of each XLA op (event) over the trace.
+  """Traces ``steps`` steps; the op times of ssl_us.profiling.summarize (each step ends with
+  its loss on the host, so the trace holds whole steps).
 
   Returns the ``top`` ops: name, ms per step, share, and the op's HLO line (shapes, window).
   """
-  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
+  from ssl_us import profiling  # pylint: disable=g-import-not-at-top
   jstep = JaxStep(make_config(model, size, pairs, dtype, conv_impl,
                               microbatches=microbatches))
   jstep()
-  hlo = jstep.hlo_text()
+  ops = _hlo_ops(jstep.hlo_text())
   jax.profiler.start_trace(logdir)
   for _ in range(steps):
     jstep()
   jax.profiler.stop_trace()
-  path = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True),
-                key=os.path.getmtime)[-1]
-  space = xplane_pb2.XSpace.FromString(open(path, "rb").read())
-  totals: dict[str, float] = collections.defaultdict(float)
-  ops = _hlo_ops(hlo)
-  for plane in space.planes:
-    names = {k: v.name for k, v in plane.event_metadata.items()}
-    for line in plane.lines:
-      for ev in line.events:
-        name = names.get(ev.metadata_id, "")
-        if name in ops:
-          totals[name] += ev.duration_ps / 1e9 / steps  # ms per step
-  total = sum(totals.values())
-  rows = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
-  return [{"op": k, "ms_per_step": round(v, 1), "share": round(v / total, 3),
-           "hlo": ops[k][:220]} for k, v in rows]
+  s = profiling.summarize(profiling.trace_files(logdir)[-1], steps=steps, top=top)
+  return [{"op": o["op"], "ms_per_step": round(o["ms_per_step"], 1),
+           "share": round(o["share"], 3), "hlo": ops.get(o["op"], "")[:220]} for o in s["ops"]]
 
 
 def _hlo_ops(hlo: str) -> dict[str, str]:

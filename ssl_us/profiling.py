@@ -15,7 +15,8 @@ step, and the ops that took the most time, also grouped by kind (``convolution``
 ``custom-call``: cuDNN and cuBLAS calls on GPU, ``fusion``, collectives...). On a GPU or TPU the
 ops are the kernels on the device planes; on CPU they are the XLA runtime's thunks, summed over
 its threads (so the op time can exceed the wall time). benchmarks/device_bench.py prints the
-same summary for each case with ``--profile DIR``.
+same summary for each case with ``--profile DIR``, and benchmarks/bench_step.py's ``--profile``
+lists its ops with their HLO lines.
 """
 from __future__ import annotations
 
