@@ -3,6 +3,7 @@
   python -m benchmarks.device_bench                 # on a GPU machine, under 8 minutes
   python -m benchmarks.device_bench --tiny          # toy sizes, on CPU (tests/test_device_bench.py)
   python -m benchmarks.device_bench --profile DIR   # also a trace and op summary per JAX case
+  python -m benchmarks.device_bench --count_flops   # model FLOPs per step only (any machine)
 
 Needs jax, flax, optax and orbax (and torch for the mirrors: without it the torch rows say so);
 no tensorflow, network or data: batches are synthetic uint8, made once on the host and placed
@@ -16,8 +17,10 @@ Cases (``CASES``; ``--tiny`` shrinks widths, sizes and batches):
 JAX: the committed step (``ssl_us.train.make_train_step``: method, on-device augmentation of
 both views, the loss, the optimizer, the state donated) on a 1-device mesh with the backend's
 defaults (``conv_impl='auto'``, ``model.dtype='auto'``: XLA's kernels and bfloat16 compute on
-GPU). MFU = the compiled step's FLOPs (XLA's cost analysis) / step time / the device's dense
-bfloat16 peak (``PEAK_BF16``; none for CPU).
+GPU). MFU = the step's model FLOPs (ssl_us/flops.py: its convolutions and matrix products,
+as the jaxpr states them) / step time / the device's dense bfloat16 peak
+(``ssl_us.flops.PEAK_BF16``; none for CPU or float32). The JSON rows also give XLA's own count
+of the compiled step (``xla_gflop_per_step``), which on GPU also prices elementwise ops.
 
 PyTorch (benchmarks.torch_models): the same encoders and heads, bf16 autocast, channels_last,
 ``torch.compile`` unless ``--no_compile`` (falls back to eager if compiling fails, and says so);
@@ -44,10 +47,6 @@ import time
 import traceback
 
 import numpy as np
-
-# Dense bfloat16 peak FLOP/s by jax device_kind prefix (vendor datasheets, without sparsity).
-PEAK_BF16 = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
-             "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12}
 
 CASES = {
     "simclr_resnet50": dict(method="simclr", encoder="resnet50", size=224, batch=256, width=64),
@@ -96,30 +95,49 @@ def host_batch(spec: dict, seed: int = 0) -> dict:
   return {"image": rng.integers(0, 256, (n, s, s, 1), np.uint8)}
 
 
-def _peak(kind: str) -> float | None:
-  return next((v for k, v in PEAK_BF16.items() if kind.startswith(k)), None)
-
-
-def run_jax(spec: dict, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
+def _step(spec: dict):
+  """(config, mesh, the jitted step, the state's init function) of a case, on one device."""
   import functools  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from ssl_us import models, ops, parallel, train  # pylint: disable=g-import-not-at-top
+  from ssl_us import parallel, train  # pylint: disable=g-import-not-at-top
   from ssl_us.methods import make_method  # pylint: disable=g-import-not-at-top
   config = make_config(spec)
   mesh = parallel.make_mesh(1)
   method = make_method(config, axis_name=parallel.DATA)
   schedule = train.make_schedule(config, config.batch_size)
   tx = train.make_optimizer(config, schedule)
-  batch = host_batch(spec)
-  state = parallel.replicate(jax.jit(functools.partial(train.create_state, method, tx))(
-      jax.random.key(0), batch), mesh)
   step = train.make_train_step(method, tx, schedule, mesh)
+  return config, mesh, step, functools.partial(train.create_state, method, tx)
+
+
+def count_flops(spec: dict, mfu: float = 0.4) -> dict:
+  """The step's model FLOPs, traced here without compiling or running it, and the items/s
+  that ``mfu`` of each known bfloat16 peak would take."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ssl_us import flops, parallel  # pylint: disable=g-import-not-at-top
+  _, mesh, step, init = _step(spec)
+  batch = host_batch(spec)
+  n = flops.step_flops(step, jax.eval_shape(init, jax.random.key(0), batch),
+                       parallel.shard_host_batch(batch, mesh))
+  return {"case": spec["name"], "model_gflop_per_step": float(f"{n / 1e9:.4g}"),
+          "model_gflop_per_item": float(f"{n / 1e9 / spec['batch']:.4g}"),
+          f"items_s_at_mfu_{mfu:g}": {k: round(mfu * v / n * spec["batch"], 1)
+                                       for k, v in flops.PEAK_BF16.items()}}
+
+
+def run_jax(spec: dict, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  from ssl_us import flops, models, ops, parallel  # pylint: disable=g-import-not-at-top
+  config, mesh, step, init = _step(spec)
+  batch = host_batch(spec)
+  state = parallel.replicate(jax.jit(init)(jax.random.key(0), batch), mesh)
   dev_batch = parallel.shard_host_batch(batch, mesh)
   t0 = time.perf_counter()
-  compiled = step.lower(state, dev_batch).compile()
+  traced = step.trace(state, dev_batch)
+  model_flops = flops.count(traced.jaxpr)
+  compiled = traced.lower().compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float((cost or {}).get("flops", float("nan")))
+  xla_flops = float((cost or {}).get("flops", float("nan")))
   for _ in range(warmup):                  # the compiled executable: no second compilation
     state, metrics = compiled(state, dev_batch)
   loss = float(metrics["loss"])
@@ -142,13 +160,15 @@ def run_jax(spec: dict, steps: int, warmup: int, profile_dir: str | None = None)
       except RuntimeError:
         pass
   device = jax.devices()[0]
-  peak = _peak(device.device_kind)
+  dtype = models.compute_dtype(config.model.dtype)
+  peak = flops.peak_flops(device.device_kind, dtype)
   row = {"framework": "jax", "device": device.device_kind,
          "conv_impl": ops.resolve_impl(config.model.encoder_kwargs.conv_impl),
-         "dtype": np.dtype(models.compute_dtype(config.model.dtype)).name,
+         "dtype": np.dtype(dtype).name,
          "step_ms": round(1e3 * dt, 2), "items_s": round(spec["batch"] / dt, 1),
-         "gflop_per_step": float(f"{flops / 1e9:.4g}"),
-         "mfu": round(flops / dt / peak, 3) if peak else None,
+         "gflop_per_step": float(f"{model_flops / 1e9:.4g}"),
+         "xla_gflop_per_step": float(f"{xla_flops / 1e9:.4g}"),
+         "mfu": round(model_flops / dt / peak, 3) if peak else None,
          "compile_and_warmup_s": round(first, 1), "loss": round(loss, 4)}
   return dict(row, profile=profiled) if profiled else row
 
@@ -274,7 +294,7 @@ def table(rows: list[dict]) -> str:
     ratio = (f"{r['items_s'] / other['items_s']:.2f}" if r["framework"] == "jax" and other
              else "")
     mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else ""
-    notes = (f"{r['conv_impl']} kernels, {r['dtype']}, {r['gflop_per_step']} GFLOP/step"
+    notes = (f"{r['conv_impl']} kernels, {r['dtype']}, {r['gflop_per_step']} model GFLOP/step"
              if r["framework"] == "jax" else
              f"bf16 autocast, channels_last, {'compiled' if r['compiled'] else 'eager'}")
     if r.get("profile", "ok") != "ok":
@@ -299,7 +319,14 @@ def main(argv=None) -> int:
   p.add_argument("--profile", metavar="DIR", default=None,
                  help="after timing, trace 2 JAX steps per case: DIR/CASE.xplane.pb (for "
                       "TensorBoard's Profile tab) and DIR/CASE.md, the op times (printed too)")
+  p.add_argument("--count_flops", action="store_true",
+                 help="only trace each case's step (no compiling, no running, any machine): "
+                      "its model FLOPs, and the items/s that 40%% MFU would take")
   a = p.parse_args(argv)
+  if a.count_flops:
+    for name in a.cases.split(","):
+      print(json.dumps(count_flops(case_spec(name, a.tiny, a.conv_impl, a.dtype))), flush=True)
+    return 0
   rows, t_start = [], time.perf_counter()
   for name in a.cases.split(","):
     spec = case_spec(name, a.tiny, a.conv_impl, a.dtype)

@@ -38,10 +38,11 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from ssl_us import gradcache, input_pipeline, models, parallel, profiling, writers
+from ssl_us import flops, gradcache, input_pipeline, models, parallel, profiling, writers
 from ssl_us.methods import make_method
 
 # ----------------------------------------------------------------------------------------------
@@ -410,7 +411,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
     for step in range(start, end):
       trace.start(step, state)
       with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
-        state, metrics = step_fn(state, next(batches))
+        batch = next(batches)
+        if step == start:   # traces the step; the call below reuses that trace
+          progress.count_flops(step_fn, state, batch, setup.mesh, config.model.dtype, say)
+        state, metrics = step_fn(state, batch)
       pending, count = _accumulate(pending, metrics), count + 1
       last = step + 1
       trace.stop(last, state)
@@ -468,7 +472,8 @@ def _flatten(d, prefix=""):
 
 
 class _Progress:
-  """Console progress bar and views/s, ETA; only reads host time."""
+  """Console progress bar, views/s, ETA and model TFLOP/s (MFU where the peak is known); only
+  reads host time."""
 
   def __init__(self, start, end, log_every, views_per_step, enabled):
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -477,14 +482,34 @@ class _Progress:
     self.bar = tqdm(total=end, initial=start, unit="step", disable=not enabled,
                     dynamic_ncols=True)
     self.enabled = enabled
+    self.flops, self.peak = None, None   # model FLOPs per device and step; peak FLOP/s
+
+  def count_flops(self, step_fn, state, batch, mesh, dtype, say):
+    """Model FLOPs per device of one step (ssl_us.flops) and the device's peak, said once."""
+    try:
+      self.flops = flops.step_flops(step_fn, state, batch)
+    except flops.UncountedLoop as e:
+      say(f"model FLOPs not counted ({e}): no model_tflops_per_device or mfu")
+      return
+    device = mesh.devices.flat[0]
+    self.peak = flops.peak_flops(device.device_kind, models.compute_dtype(dtype))
+    peak = (f"{self.peak / 1e12:.0f} TFLOP/s peak ({device.device_kind}, bfloat16)"
+            if self.peak else f"no known peak for {device.device_kind} "
+            f"({np.dtype(models.compute_dtype(dtype)).name}): no mfu")
+    say(f"model FLOPs per step and device: {self.flops / 1e9:.4g} GFLOP; {peak}")
 
   def rates(self, step):
     dt = max(time.time() - self.t0, 1e-9)
     steps = step - self.s0
     self.t0, self.s0 = time.time(), step
     sps = steps / dt
-    return {"steps_per_sec": sps, "views_per_sec": sps * self.views,
-            "eta_min": (self.end - step) / max(sps, 1e-9) / 60}
+    out = {"steps_per_sec": sps, "views_per_sec": sps * self.views,
+           "eta_min": (self.end - step) / max(sps, 1e-9) / 60}
+    if self.flops:
+      out["model_tflops_per_device"] = self.flops * sps / 1e12
+      if self.peak:
+        out["mfu"] = self.flops * sps / self.peak
+    return out
 
   def log(self, step, host, log_fn):
     self.bar.update(step - self.bar.n)
@@ -492,6 +517,8 @@ class _Progress:
            f"acc {host.get('contrastive_acc', float('nan')):.3f} "
            f"lr {host['learning_rate']:.2e} {host['views_per_sec']:.1f} views/s "
            f"eta {host['eta_min']:.1f} min")
+    if "mfu" in host:
+      msg += f" mfu {host['mfu']:.1%}"
     if host.get("nonfinite_steps"):
       msg += f" non-finite steps skipped {host['nonfinite_steps']}"
     self.bar.set_postfix_str(f"loss {host['loss']:.4f}")

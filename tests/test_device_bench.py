@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests import fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +80,12 @@ def test_a_failing_profile_keeps_the_rows_figures(monkeypatch, tmp_path, capsys)
   assert "; profile failed: ValueError" in out
   assert profiling.trace_files(str(tmp_path / "left_running"))     # stopped, hence written
   assert sorted(os.listdir(tmp_path / "p")) == ["again.md", "again.xplane.pb"]
+  # --count_flops traces the same step without compiling it: the same model FLOPs.
+  assert device_bench.main(["--tiny", "--count_flops", "--cases", "simclr_resnet18"]) == 0
+  counted = json.loads(capsys.readouterr().out)
+  assert counted["model_gflop_per_step"] == rows[0]["gflop_per_step"] > 0
+  assert counted["model_gflop_per_item"] == pytest.approx(rows[0]["gflop_per_step"] / 4,
+                                                          rel=1e-3)   # --tiny batch: 4 pairs
 
 
 def test_a_failing_run_is_a_row_and_the_others_go_on(monkeypatch, capsys):

@@ -154,7 +154,8 @@ def test_training_without_tensorflow_logs_what_clus_writer_logs(dataset, tmp_pat
   assert json.loads(r.stdout.splitlines()[-1]) == with_tf["loss"]
   from ssl_us import sweep  # pylint: disable=g-import-not-at-top
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
-  timing = {"steps_per_sec", "views_per_sec", "eta_min"}   # wall-clock rates differ
+  timing = {"steps_per_sec", "views_per_sec", "eta_min",   # wall-clock rates differ
+            "model_tflops_per_device"}
   logs = {}
   for name in ("no_tf", "tf"):
     scalars = sweep.read_scalars(str(tmp_path / name / "logs"))
@@ -164,6 +165,23 @@ def test_training_without_tensorflow_logs_what_clus_writer_logs(dataset, tmp_pat
     assert "_hparams_/session_start_info" in acc.summary_metadata, name
   assert logs["no_tf"] == logs["tf"]
   assert [s for s, _ in logs["tf"]["loss"]] == [1, 2, 3, 4]
+
+
+def test_runs_log_model_flops_per_device(dataset, tmp_path):
+  """model_tflops_per_device = the step's model FLOPs per device (ssl_us/flops.py) * steps/s;
+  every FLOP of the step scales with the examples a device holds, so 2 devices count half of
+  1 device's. No mfu on CPU: no peak is known, and the log says so."""
+  per_device, said = {}, []
+  for n in (1, 2):
+    h = train.train_and_evaluate(tiny_config(dataset, num_steps=2), str(tmp_path / f"d{n}"),
+                                 mesh=parallel.make_mesh(n), log_fn=said.append)
+    rates = [t * 1e12 / s for t, s in zip(h["model_tflops_per_device"], h["steps_per_sec"])]
+    assert rates == pytest.approx([rates[0]] * 2, rel=1e-9) and rates[0] > 0
+    assert "mfu" not in h
+    per_device[n] = rates[0]
+  assert per_device[2] == pytest.approx(per_device[1] / 2, rel=1e-9)
+  assert sum(f"model FLOPs per step and device: {per_device[n] / 1e9:.4g} GFLOP; no known "
+             "peak for cpu (float32): no mfu" in m for n in (1, 2) for m in said) == 2
 
 
 def test_load_encoder_round_trip(dataset, tmp_path):
