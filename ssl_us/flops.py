@@ -19,7 +19,8 @@ lowered and the compiled step.
   FLOPs per device; ``scan`` multiplies its body by its length; ``cond`` counts its costliest
   branch; a ``while`` loop whose body holds FLOPs has no known trip count and raises
   ``UncountedLoop``. Every other primitive holding a jaxpr (jit, custom_vjp, remat...) counts
-  its jaxpr once, so rematerialized work counts as executed. Work whose result is never used
+  its jaxpr once, so rematerialized work counts as executed (gradient caching's second forward
+  pass, ssl_us/gradcache.py, included). Work whose result is never used
   counts too (XLA would remove it; the training steps have none).
 
 ``step_flops`` traces a jitted function (``jit(...).trace``, which the next call with the same
