@@ -29,7 +29,9 @@ Adam, the EMA update. No augmentation (the inputs are fixed float views), which 
 
 Each case: ``warmup`` steps (compilation included), then ``steps`` timed steps ended by a
 device sync; reported: items (images or clips) per second, milliseconds per step, MFU for JAX,
-and JAX over PyTorch items/s. One markdown table at the end, and one JSON line per row. A run
+and JAX over PyTorch items/s, with the memory each took (XLA's temporary buffers of the
+compiled step; PyTorch's peak allocation). A JAX step that runs out of device memory runs
+again with gradient caching over 2, then 4 microbatches, and its row says so. One markdown table at the end, and one JSON line per row. A run
 that fails (out of memory, a compiler error) is a row that says so, with its traceback on
 stderr; the other runs go on and the exit status is 1.
 
@@ -82,6 +84,7 @@ def make_config(spec: dict):
   c.image_size = (spec["size"], spec["size"])
   c.batch_size = spec["batch"]
   c.num_epochs, c.num_steps = 0, 10_000
+  c.microbatches = spec.get("microbatches", 1)
   return c
 
 
@@ -138,6 +141,8 @@ def run_jax(spec: dict, steps: int, warmup: int, profile_dir: str | None = None)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float((cost or {}).get("flops", float("nan")))
+  memory = compiled.memory_analysis()
+  temp_gib = round(memory.temp_size_in_bytes / 2**30, 2) if memory is not None else None
   for _ in range(warmup):                  # the compiled executable: no second compilation
     state, metrics = compiled(state, dev_batch)
   loss = float(metrics["loss"])
@@ -169,8 +174,31 @@ def run_jax(spec: dict, steps: int, warmup: int, profile_dir: str | None = None)
          "gflop_per_step": float(f"{model_flops / 1e9:.4g}"),
          "xla_gflop_per_step": float(f"{xla_flops / 1e9:.4g}"),
          "mfu": round(model_flops / dt / peak, 3) if peak else None,
+         "microbatches": config.microbatches, "temp_gib": temp_gib,
          "compile_and_warmup_s": round(first, 1), "loss": round(loss, 4)}
   return dict(row, profile=profiled) if profiled else row
+
+
+def _out_of_memory(e: Exception) -> bool:
+  return any(m in str(e) for m in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory"))
+
+
+def run_jax_fitting(spec: dict, steps: int, warmup: int, profile_dir: str | None = None,
+                    max_microbatches: int = 4) -> dict:
+  """``run_jax``; a step that does not fit in device memory runs again with gradient caching
+  over 2, then 4 microbatches (ssl_us/gradcache.py: activations of one chunk at a time, one
+  more forward pass, BatchNorm statistics per chunk), and its row says so."""
+  m = 1
+  while True:
+    try:
+      return run_jax(dict(spec, microbatches=m), steps, warmup, profile_dir)
+    except Exception as e:  # pylint: disable=broad-except
+      if not _out_of_memory(e) or 2 * m > max_microbatches or spec["batch"] % (2 * m):
+        raise
+      traceback.print_exc()
+      print(f"{spec['name']}: out of device memory with {m} microbatch(es); again with "
+            f"{2 * m}", file=sys.stderr, flush=True)
+      m *= 2
 
 
 def _profile(compiled, state, batch, out_dir: str, name: str, steps: int = 2):
@@ -258,6 +286,8 @@ def run_torch(spec: dict, steps: int, warmup: int, compile_model: bool) -> dict:
     return loss
 
   sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+  if dev == "cuda":
+    torch.cuda.reset_peak_memory_stats()
   t0 = time.perf_counter()
   try:
     for _ in range(warmup):
@@ -279,6 +309,8 @@ def run_torch(spec: dict, steps: int, warmup: int, compile_model: bool) -> dict:
                                            else "cpu"),
           "compiled": compiled, "step_ms": round(1e3 * dt, 2),
           "items_s": round(n / dt, 1), "compile_and_warmup_s": round(first, 1),
+          "peak_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda"
+                       else None),
           "loss": round(float(loss), 4)}
 
 
@@ -294,9 +326,17 @@ def table(rows: list[dict]) -> str:
     ratio = (f"{r['items_s'] / other['items_s']:.2f}" if r["framework"] == "jax" and other
              else "")
     mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else ""
-    notes = (f"{r['conv_impl']} kernels, {r['dtype']}, {r['gflop_per_step']} model GFLOP/step"
-             if r["framework"] == "jax" else
-             f"bf16 autocast, channels_last, {'compiled' if r['compiled'] else 'eager'}")
+    if r["framework"] == "jax":
+      notes = f"{r['conv_impl']} kernels, {r['dtype']}, {r['gflop_per_step']} model GFLOP/step"
+      if r["microbatches"] > 1:
+        notes += (f", {r['microbatches']} microbatches (gradient caching: "
+                  f"{r['microbatches'] // 2} ran out of memory)")
+      if r.get("temp_gib") is not None:
+        notes += f", XLA temp {r['temp_gib']} GiB"
+    else:
+      notes = f"bf16 autocast, channels_last, {'compiled' if r['compiled'] else 'eager'}"
+      if r.get("peak_gib") is not None:
+        notes += f", peak {r['peak_gib']} GiB"
     if r.get("profile", "ok") != "ok":
       notes += f"; profile {r['profile']}"
     lines.append(f"| {r['case']} | {r['framework']} | {r['device']} | {r['items_s']} | "
@@ -330,7 +370,7 @@ def main(argv=None) -> int:
   rows, t_start = [], time.perf_counter()
   for name in a.cases.split(","):
     spec = case_spec(name, a.tiny, a.conv_impl, a.dtype)
-    runs = [lambda: run_jax(spec, a.steps, a.warmup, a.profile)]
+    runs = [lambda: run_jax_fitting(spec, a.steps, a.warmup, a.profile)]
     if not a.no_torch:
       runs.append(lambda: run_torch(spec, a.steps, a.warmup,
                                     compile_model=not (a.no_compile or a.tiny)))
