@@ -31,9 +31,10 @@ Each case: ``warmup`` steps (compilation included), then ``steps`` timed steps e
 device sync; reported: items (images or clips) per second, milliseconds per step, MFU for JAX,
 and JAX over PyTorch items/s, with the memory each took (XLA's temporary buffers of the
 compiled step; PyTorch's peak allocation). A JAX step that runs out of device memory runs
-again with gradient caching over 2, then 4 microbatches, and its row says so. One markdown table at the end, and one JSON line per row. A run
-that fails (out of memory, a compiler error) is a row that says so, with its traceback on
-stderr; the other runs go on and the exit status is 1.
+again with gradient caching over 2, then 4 microbatches, and its row says so. One markdown
+table at the end, and one JSON line per row. A run that fails (out of memory, a compiler
+error) is a row that says so, with its traceback on stderr; the other runs go on and the exit
+status is 1.
 
 ``--profile DIR`` then traces 2 more JAX steps per case (ssl_us/profiling.py, as
 config.profile does in a run) and prints where their time went (kinds of op and the longest
