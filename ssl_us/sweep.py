@@ -61,7 +61,8 @@ import numpy as np
 POINT_FILE = "sweep_point.json"
 # Metrics of the report; True: higher is better.
 METRICS = {"knn_acc": True, "probe_acc": True, "alignment": False, "uniformity": False,
-           "final_loss": False, "final_contrastive_acc": True, "views_per_sec": True}
+           "final_loss": False, "final_contrastive_acc": True, "views_per_sec": True,
+           "mfu": True}   # mfu: on chips with a known bf16 peak (ssl_us/flops.py), else blank
 # Replicates: points that differ only in this key are summarised by mean and std over it.
 SEED_KEY = "config.seed"
 
@@ -417,13 +418,13 @@ def projections_of_two_views(method, variables, images, key, batch_size: int = 2
 
 
 def final_train_metrics(point_dir: str) -> dict:
-  """The last logged loss, contrastive accuracy and views/s, and the loss curve, from the
-  run's TensorBoard logs (every invocation of a resumed run)."""
+  """The last logged loss, contrastive accuracy, views/s and MFU (where logged), and the loss
+  curve, from the run's TensorBoard logs (every invocation of a resumed run)."""
   curves = read_scalars(os.path.join(point_dir, "logs"))
   out = {"steps": [s for s, _ in curves.get("loss", [])],
          "loss_curve": [v for _, v in curves.get("loss", [])]}
   for name, key in (("final_loss", "loss"), ("final_contrastive_acc", "contrastive_acc"),
-                    ("views_per_sec", "views_per_sec")):
+                    ("views_per_sec", "views_per_sec"), ("mfu", "mfu")):
     if curves.get(key):
       out[name] = curves[key][-1][1]
   return out

@@ -215,10 +215,28 @@ def test_aggregate_on_hand_made_point_workdirs(tmp_path):
   text = (wd / "sweep.csv").read_text().splitlines()
   assert text == [
       "name,status,config.loss.temperature,knn_acc,probe_acc,alignment,uniformity,final_loss,"
-      "final_contrastive_acc,views_per_sec,error,command",
-      "loss.temperature=0.1,done,0.1,0.75,,,,2.5,,,,cmd loss.temperature=0.1",
-      "loss.temperature=0.5,failed,0.5,,,,,,,,RuntimeError: boom,cmd loss.temperature=0.5"]
+      "final_contrastive_acc,views_per_sec,mfu,error,command",
+      "loss.temperature=0.1,done,0.1,0.75,,,,2.5,,,,,cmd loss.temperature=0.1",
+      "loss.temperature=0.5,failed,0.5,,,,,,,,,RuntimeError: boom,cmd loss.temperature=0.5"]
   assert (wd / "sweep_knn_acc.png").exists() and (wd / "loss_curves.png").exists()
+  assert not (wd / "sweep_mfu.png").exists()     # no point has it: no plot
+
+
+def test_final_train_metrics_reads_the_last_logged_values(tmp_path):
+  """Last values of a run's TensorBoard scalars; mfu only where the run logged it."""
+  from ssl_us import writers  # pylint: disable=g-import-not-at-top
+  w = writers.create_writer(str(tmp_path / "gpu" / "logs"))
+  for step, (loss, mfu) in enumerate([(3.0, 0.25), (2.0, 0.375)], start=1):
+    w.write_scalars(step, {"loss": loss, "contrastive_acc": 0.5 * step, "views_per_sec": 100.0,
+                           "mfu": mfu})
+  w.flush()
+  assert sweep.final_train_metrics(str(tmp_path / "gpu")) == {
+      "steps": [1, 2], "loss_curve": [3.0, 2.0], "final_loss": 2.0,
+      "final_contrastive_acc": 1.0, "views_per_sec": 100.0, "mfu": 0.375}
+  w = writers.create_writer(str(tmp_path / "cpu" / "logs"))
+  w.write_scalars(1, {"loss": 3.0, "views_per_sec": 50.0})
+  w.flush()
+  assert "mfu" not in sweep.final_train_metrics(str(tmp_path / "cpu"))
 
 
 def test_report_over_seeds_by_hand(tmp_path):
