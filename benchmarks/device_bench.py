@@ -142,8 +142,11 @@ def run_jax(spec: dict, steps: int, warmup: int, profile_dir: str | None = None)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float((cost or {}).get("flops", float("nan")))
-  memory = compiled.memory_analysis()
-  temp_gib = round(memory.temp_size_in_bytes / 2**30, 2) if memory is not None else None
+  try:
+    memory = compiled.memory_analysis()
+    temp_gib = round(memory.temp_size_in_bytes / 2**30, 2)
+  except Exception:  # pylint: disable=broad-except  (not every backend reports it)
+    temp_gib = None
   for _ in range(warmup):                  # the compiled executable: no second compilation
     state, metrics = compiled(state, dev_batch)
   loss = float(metrics["loss"])
