@@ -30,9 +30,10 @@ Adam, the EMA update. No augmentation (the inputs are fixed float views), which 
 Each case: ``warmup`` steps (compilation included), then ``steps`` timed steps ended by a
 device sync; reported: items (images or clips) per second, milliseconds per step, MFU for JAX,
 and JAX over PyTorch items/s, with the memory each took (XLA's temporary buffers of the
-compiled step; PyTorch's peak allocation). A JAX step that runs out of device memory runs
-again with gradient caching over 2, then 4 microbatches, and its row says so. One markdown
-table at the end, and one JSON line per row. A run that fails (out of memory, a compiler
+compiled step: JAX's peak bytes in use cannot be reset between cases; PyTorch's peak
+allocation). A JAX step that runs out of device memory runs again with gradient caching over
+2, then 4 microbatches, and its row says so. One markdown table at the end, and one JSON line
+per row. A run that fails (out of memory, a compiler
 error) is a row that says so, with its traceback on stderr; the other runs go on and the exit
 status is 1.
 

@@ -340,6 +340,16 @@ def _accumulate(pending, metrics):
           for k, v in metrics.items()}
 
 
+def device_memory(devices) -> dict:
+  """{'process_peak_memory_gib': the largest peak of bytes in use over ``devices`` since the
+  process started} where the backend reports it (GPU, TPU: the allocator's count, read on the
+  host without a sync); {} on CPU. JAX cannot reset the peak: runs one after another in one
+  process (a sweep without --parallel) each see the largest so far."""
+  peaks = [s["peak_bytes_in_use"] for s in (d.memory_stats() for d in devices)
+           if s and "peak_bytes_in_use" in s]
+  return {"process_peak_memory_gib": max(peaks) / 2**30} if peaks else {}
+
+
 def _host_metrics(pending, count) -> dict:
   """Means over the finite steps of the interval, the count of non-finite ones, the streak."""
   raw = jax.device_get(pending)
@@ -405,6 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
                               say=say)
   trace.check(start, end)
   pending, count = None, 0  # metric sums stay on device between logging steps
+  local_devices = [d for d in setup.mesh.devices.flat if d.process_index == jax.process_index()]
   monitored = []            # (step, device metrics) of the online monitor since the last log
   last = start
   with StopSignal() as stop:
@@ -430,6 +441,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
         host = _host_metrics(pending, count)
         pending, count = None, 0
         host.update(progress.rates(last))
+        host.update(device_memory(local_devices))
         writer.write_scalars(last, host)
         for k, v in host.items():
           history.setdefault(k, []).append(v)

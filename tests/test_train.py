@@ -167,17 +167,37 @@ def test_training_without_tensorflow_logs_what_clus_writer_logs(dataset, tmp_pat
   assert [s for s, _ in logs["tf"]["loss"]] == [1, 2, 3, 4]
 
 
-def test_runs_log_model_flops_per_device(dataset, tmp_path):
+def test_device_memory_is_the_largest_peak():
+  class Device:
+    def __init__(self, stats):
+      self.stats = stats
+
+    def memory_stats(self):
+      return self.stats
+  gib = 2**30
+  devices = [Device({"peak_bytes_in_use": 3 * gib, "bytes_in_use": 1}),
+             Device({"peak_bytes_in_use": 5 * gib}), Device(None),
+             Device({"bytes_in_use": 9 * gib})]
+  assert train.device_memory(devices) == {"process_peak_memory_gib": 5.0}
+  assert train.device_memory([Device(None)]) == {}
+
+
+def test_runs_log_model_flops_per_device(dataset, tmp_path, monkeypatch):
   """model_tflops_per_device = the step's model FLOPs per device (ssl_us/flops.py) * steps/s;
   every FLOP of the step scales with the examples a device holds, so 2 devices count half of
   1 device's. No mfu on CPU: no peak is known, and the log says so."""
   per_device, said = {}, []
+  # CPU devices report no memory (device_memory: {}); a stand-in shows what is logged.
+  assert train.device_memory(parallel.make_mesh(2).devices.flat) == {}
+  monkeypatch.setattr(train, "device_memory",
+                      lambda devices: {"process_peak_memory_gib": float(len(devices))})
   for n in (1, 2):
     h = train.train_and_evaluate(tiny_config(dataset, num_steps=2), str(tmp_path / f"d{n}"),
                                  mesh=parallel.make_mesh(n), log_fn=said.append)
     rates = [t * 1e12 / s for t, s in zip(h["model_tflops_per_device"], h["steps_per_sec"])]
     assert rates == pytest.approx([rates[0]] * 2, rel=1e-9) and rates[0] > 0
     assert "mfu" not in h
+    assert h["process_peak_memory_gib"] == [n, n]    # the run's local devices, each log step
     per_device[n] = rates[0]
   assert per_device[2] == pytest.approx(per_device[1] / 2, rel=1e-9)
   assert sum(f"model FLOPs per step and device: {per_device[n] / 1e9:.4g} GFLOP; no known "
