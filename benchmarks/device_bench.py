@@ -126,7 +126,7 @@ def count_flops(spec: dict, mfu: float = 0.4) -> dict:
   return {"case": spec["name"], "model_gflop_per_step": float(f"{n / 1e9:.4g}"),
           "model_gflop_per_item": float(f"{n / 1e9 / spec['batch']:.4g}"),
           f"items_s_at_mfu_{mfu:g}": {k: round(mfu * v / n * spec["batch"], 1)
-                                       for k, v in flops.PEAK_BF16.items()}}
+                                       for k, v in flops.PEAK_BF16.items() if v}}
 
 
 def run_jax(spec: dict, steps: int, warmup: int, profile_dir: str | None = None) -> dict:

@@ -36,10 +36,15 @@ import jax
 import numpy as np
 from jax.extend import core as jax_core
 
-# Dense bfloat16 peak FLOP/s per chip by jax ``device_kind`` prefix (vendor datasheets, without
-# sparsity). Only bfloat16: float32 compute has no MFU here.
-PEAK_BF16 = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
-             "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+# Dense bfloat16 peak FLOP/s per chip by jax ``device_kind`` prefix, the longest matching prefix
+# deciding (vendor datasheets, without sparsity; None: not known). SXM H100s are "NVIDIA H100
+# 80GB HBM3"; TPU v5p reports "TPU v5", v5e "TPU v5 lite", v6e "TPU v6 lite". Only bfloat16:
+# float32 compute has no MFU here.
+PEAK_BF16 = {"NVIDIA H100": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+             "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA A100": 312e12,
+             "TPU v4": 275e12, "TPU v4 lite": None, "TPU v5": 459e12, "TPU v5p": 459e12,
+             "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v6 lite": 918e12,
+             "TPU v6e": 918e12}
 
 
 class UncountedLoop(ValueError):
@@ -50,7 +55,8 @@ def peak_flops(device_kind: str, dtype) -> float | None:
   """The dense peak FLOP/s of a chip for ``dtype`` compute, or None where not known."""
   if np.dtype(dtype) != np.dtype(jax.numpy.bfloat16):
     return None
-  return next((v for k, v in PEAK_BF16.items() if device_kind.startswith(k)), None)
+  matches = [k for k in PEAK_BF16 if device_kind.startswith(k)]
+  return PEAK_BF16[max(matches, key=len)] if matches else None
 
 
 def _valid_taps(in_size, kernel, out_size, stride, pad_lo, lhs_dil, rhs_dil) -> int:

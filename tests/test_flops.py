@@ -123,9 +123,14 @@ def test_shard_map_counts_per_device():
 
 
 @pytest.mark.parametrize("kind,dtype,peak", [
-    ("NVIDIA H100 80GB HBM3", jnp.bfloat16, 989e12),
+    ("NVIDIA H100 80GB HBM3", jnp.bfloat16, 989e12),      # SXM
+    ("NVIDIA H100 PCIe", jnp.bfloat16, 756e12),           # the longer prefix decides
     ("NVIDIA H200", jnp.bfloat16, 989e12),
+    ("NVIDIA A100-SXM4-80GB", jnp.bfloat16, 312e12),
     ("TPU v4", jnp.bfloat16, 275e12),
+    ("TPU v4 lite", jnp.bfloat16, None),                 # not "TPU v4"'s peak
+    ("TPU v5", jnp.bfloat16, 459e12),                     # v5p
+    ("TPU v5 lite", jnp.bfloat16, 197e12),                # v5e
     ("NVIDIA H100 80GB HBM3", jnp.float32, None),     # bfloat16 peaks only
     ("cpu", jnp.bfloat16, None),
 ])
