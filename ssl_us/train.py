@@ -500,8 +500,10 @@ class _Progress:
     """Model FLOPs per device of one step (ssl_us.flops) and the device's peak, said once."""
     try:
       self.flops = flops.step_flops(step_fn, state, batch)
-    except flops.UncountedLoop as e:
-      say(f"model FLOPs not counted ({e}): no model_tflops_per_device or mfu")
+    except Exception as e:  # pylint: disable=broad-except  (a metric never stops a run; a step
+      # that cannot be traced fails in its own call right after, with its own error)
+      say(f"model FLOPs not counted ({type(e).__name__}: {e}): no model_tflops_per_device "
+          "or mfu")
       return
     device = mesh.devices.flat[0]
     self.peak = flops.peak_flops(device.device_kind, models.compute_dtype(dtype))

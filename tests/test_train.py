@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import awcl_fetal, byol_lung, simclr_lung3d, simclr_muscle, uscl
-from ssl_us import checkpoint, input_pipeline, parallel, train
+from ssl_us import checkpoint, flops, input_pipeline, parallel, train
 from ssl_us.methods import method_class
 from tests import fixtures
 
@@ -202,6 +202,16 @@ def test_runs_log_model_flops_per_device(dataset, tmp_path, monkeypatch):
   assert per_device[2] == pytest.approx(per_device[1] / 2, rel=1e-9)
   assert sum(f"model FLOPs per step and device: {per_device[n] / 1e9:.4g} GFLOP; no known "
              "peak for cpu (float32): no mfu" in m for n in (1, 2) for m in said) == 2
+  # A step whose FLOPs cannot be counted still trains, and the log says why.
+  def uncounted(jitted, *args):
+    raise flops.UncountedLoop("a while loop holds 1 FLOPs per iteration")
+  monkeypatch.setattr(flops, "step_flops", uncounted)
+  said.clear()
+  h = train.train_and_evaluate(tiny_config(dataset, num_steps=2), str(tmp_path / "uncounted"),
+                               mesh=parallel.make_mesh(1), log_fn=said.append)
+  assert h["final_step"] == 2 and "model_tflops_per_device" not in h
+  assert ("model FLOPs not counted (UncountedLoop: a while loop holds 1 FLOPs per iteration): "
+          "no model_tflops_per_device or mfu") in said
 
 
 def test_load_encoder_round_trip(dataset, tmp_path):
