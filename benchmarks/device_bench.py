@@ -31,8 +31,9 @@ Each case: ``warmup`` steps (compilation included), then ``steps`` timed steps e
 device sync; reported: items (images or clips) per second, milliseconds per step, MFU for JAX,
 and JAX over PyTorch items/s, with the memory each took (XLA's temporary buffers of the
 compiled step: JAX's peak bytes in use cannot be reset between cases; PyTorch's peak
-allocation). A JAX step that runs out of device memory runs again with gradient caching over
-2, then 4 microbatches, and its row says so. One markdown table at the end, and one JSON line
+allocation). A JAX step that runs out of device memory runs again with its residual blocks
+rematerialized (the same mathematics), then with gradient caching over 2, then 4 microbatches
+as well, and its row says so (``FITTING``). One markdown table at the end, and one JSON line
 per row. A run that fails (out of memory, a compiler
 error) is a row that says so, with its traceback on stderr; the other runs go on and the exit
 status is 1.
@@ -81,7 +82,8 @@ def make_config(spec: dict):
     c = common.base_config()
     c.model.encoder = spec["encoder"]
   c.model.encoder_kwargs = ml_collections.ConfigDict(dict(
-      num_filters=spec["width"], conv_impl=spec.get("conv_impl", "auto")))
+      num_filters=spec["width"], conv_impl=spec.get("conv_impl", "auto"),
+      remat=spec.get("remat", False)))
   c.model.dtype = spec.get("dtype", "auto")
   c.image_size = (spec["size"], spec["size"])
   c.batch_size = spec["batch"]
@@ -183,7 +185,8 @@ def run_jax(spec: dict, steps: int, warmup: int, profile_dir: str | None = None)
          "gflop_per_step": float(f"{model_flops / 1e9:.4g}"),
          "xla_gflop_per_step": float(f"{xla_flops / 1e9:.4g}"),
          "mfu": round(model_flops / dt / peak, 3) if peak and model_flops > 0 else None,
-         "microbatches": config.microbatches, "temp_gib": temp_gib,
+         "remat": config.model.encoder_kwargs.remat, "microbatches": config.microbatches,
+         "temp_gib": temp_gib,
          "compile_and_warmup_s": round(first, 1), "loss": round(loss, 4)}
   return dict(row, profile=profiled) if profiled else row
 
@@ -192,22 +195,31 @@ def _out_of_memory(e: Exception) -> bool:
   return any(m in str(e) for m in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory"))
 
 
-def run_jax_fitting(spec: dict, steps: int, warmup: int, profile_dir: str | None = None,
-                    max_microbatches: int = 4) -> dict:
-  """``run_jax``; a step that does not fit in device memory runs again with gradient caching
-  over 2, then 4 microbatches (ssl_us/gradcache.py: activations of one chunk at a time, one
-  more forward pass, BatchNorm statistics per chunk), and its row says so."""
-  m = 1
-  while True:
+# What a step that runs out of device memory tries next, in order: each residual block
+# rematerialized (models.rematerialized: block inputs kept, one more forward pass of the blocks,
+# the same mathematics), then gradient caching over 2, then 4 microbatches as well
+# (ssl_us/gradcache.py: one chunk's activations at a time, BatchNorm statistics per chunk).
+FITTING = (dict(remat=False, microbatches=1), dict(remat=True, microbatches=1),
+           dict(remat=True, microbatches=2), dict(remat=True, microbatches=4))
+
+
+def _fitting(fit: dict) -> str:
+  return f"remat {'on' if fit['remat'] else 'off'}, {fit['microbatches']} microbatch(es)"
+
+
+def run_jax_fitting(spec: dict, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
+  """``run_jax``; a step that does not fit in device memory runs again as ``FITTING`` says
+  (skipping microbatch counts that do not divide the batch), and its row says so."""
+  fits = [f for f in FITTING if spec["batch"] % f["microbatches"] == 0]
+  for i, fit in enumerate(fits):
     try:
-      return run_jax(dict(spec, microbatches=m), steps, warmup, profile_dir)
+      return run_jax(dict(spec, **fit), steps, warmup, profile_dir)
     except Exception as e:  # pylint: disable=broad-except
-      if not _out_of_memory(e) or 2 * m > max_microbatches or spec["batch"] % (2 * m):
+      if not _out_of_memory(e) or i + 1 == len(fits):
         raise
       traceback.print_exc()
-      print(f"{spec['name']}: out of device memory with {m} microbatch(es); again with "
-            f"{2 * m}", file=sys.stderr, flush=True)
-      m *= 2
+      print(f"{spec['name']}: out of device memory with {_fitting(fit)}; again with "
+            f"{_fitting(fits[i + 1])}", file=sys.stderr, flush=True)
 
 
 def _profile(compiled, state, batch, out_dir: str, name: str, steps: int = 2):
@@ -337,9 +349,11 @@ def table(rows: list[dict]) -> str:
     mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else ""
     if r["framework"] == "jax":
       notes = f"{r['conv_impl']} kernels, {r['dtype']}, {r['gflop_per_step']} model GFLOP/step"
-      if r["microbatches"] > 1:
-        notes += (f", {r['microbatches']} microbatches (gradient caching: "
-                  f"{r['microbatches'] // 2} ran out of memory)")
+      fitted = [s for s, on in (("blocks rematerialized", r.get("remat")),
+                                (f"{r['microbatches']} microbatches (gradient caching)",
+                                 r["microbatches"] > 1)) if on]
+      if fitted:
+        notes += f", {' and '.join(fitted)} after running out of memory"
       if r.get("temp_gib") is not None:
         notes += f", XLA temp {r['temp_gib']} GiB"
     else:

@@ -9,6 +9,7 @@ Conventions shared by every module here and by the 3D encoders:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -48,6 +49,17 @@ def out_dtype(dtype):
 def batch_norm(train: bool, axis_name: str | None, dtype, momentum=0.9, epsilon=1e-5):
   return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=momentum,
                            epsilon=epsilon, dtype=dtype, axis_name=axis_name if train else None)
+
+
+def rematerialized(block_cls, remat: bool):
+  """``block_cls``, or with ``remat`` the same block under ``nn.remat`` (jax.checkpoint): the
+  backward pass recomputes the block's activations from its input instead of keeping them, so a
+  step keeps each block's input plus one block's activations at a time, for one more forward
+  pass of the blocks. The same parameters (callers name the blocks as flax would) and the same
+  mathematics: unlike gradient caching, BatchNorm still sees the whole batch. The saving needs
+  XLA to keep jax's optimization barriers, which its GPU and TPU pipelines do and its CPU
+  pipeline does not (README, Large batches; benchmarks/remat_memory.py)."""
+  return nn.remat(block_cls) if remat else block_cls
 
 
 def global_avg_pool(x, spatial_dims):
@@ -118,6 +130,8 @@ class ResNet(nn.Module):
   # with ssl_us.ops (fast on XLA's CPU backend), "xla" with flax's nn.Conv / nn.max_pool alone
   # (XLA's own kernels: cuDNN, TPU); "auto": "fast" on CPU, "xla" elsewhere (ops.resolve_impl).
   conv_impl: str = "auto"
+  # Recompute each residual block's activations in the backward pass (``rematerialized``).
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -134,11 +148,13 @@ class ResNet(nn.Module):
       x = conv(self.num_filters, _k(7, d), _k(2, d), padding=[(3, 3)] * d, name="conv_init")(x)
       x = self.act(norm(name="bn_init")(x))
       x = max_pool(x, _k(3, d), strides=_k(2, d), padding="SAME")
+    block = rematerialized(self.block_cls, self.remat)
     for i, block_size in enumerate(self.stage_sizes):
       for j in range(block_size):
         strides = 2 if i > 0 and j == 0 else 1
-        x = self.block_cls(self.num_filters * 2**i, strides=strides, conv=conv, norm=norm,
-                           act=self.act, spatial_dims=d)(x)
+        name = f"{self.block_cls.__name__}_{sum(self.stage_sizes[:i]) + j}"
+        x = block(self.num_filters * 2**i, strides=strides, conv=conv, norm=norm, act=self.act,
+                  spatial_dims=d, name=name)(x)
     return global_avg_pool(x, d).astype(out_dtype(self.dtype))
 
 
@@ -229,6 +245,14 @@ def register_encoder(name: str, ctor):
 
 
 def make_encoder(name: str, *, dtype=jnp.float32, axis_name=None, **kwargs) -> nn.Module:
+  """The encoder ``name`` with ``kwargs`` (config.model.encoder_kwargs) set on its fields."""
   if name not in ENCODERS:
     raise ValueError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
-  return ENCODERS[name](dtype=dtype, axis_name=axis_name, **kwargs)
+  ctor = ENCODERS[name]
+  cls = ctor.func if isinstance(ctor, functools.partial) else ctor
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype", "axis_name"}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ValueError(f"config.model.encoder_kwargs: encoder {name!r} has no field "
+                     f"{', '.join(map(repr, unknown))}; its fields: {sorted(fields)}")
+  return ctor(dtype=dtype, axis_name=axis_name, **kwargs)

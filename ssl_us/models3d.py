@@ -116,6 +116,7 @@ class Darknet53_3D(nn.Module):
   act: Callable = leaky_relu
   axis_name: str | None = None
   conv_impl: str = "auto"   # ops.select_conv: same parameters and mathematics either way
+  remat: bool = False       # models.rematerialized: recompute each block in the backward pass
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -124,6 +125,7 @@ class Darknet53_3D(nn.Module):
     conv = functools.partial(ops.select_conv(nn.Conv, self.conv_impl, spatial_dims=3),
                              use_bias=False, dtype=self.dtype)
     norm = models.batch_norm(train, self.axis_name, self.dtype)
+    block = models.rematerialized(DarknetBlock3D, self.remat)
     x = x.astype(self.dtype)
     x = self.act(norm(name="bn_init")(conv(self.num_filters, (3, 3, 3), name="conv_init")(x)))
     for i, (n_blocks, ts) in enumerate(zip(self.stage_sizes, self.temporal_strides)):
@@ -131,9 +133,8 @@ class Darknet53_3D(nn.Module):
       x = conv(filters, (3, 3, 3), (ts, 2, 2), name=f"down{i}")(x)
       x = self.act(norm(name=f"bn_down{i}")(x))
       for j in range(n_blocks):
-        x = DarknetBlock3D(filters, conv=conv, norm=norm, act=self.act,
-                           name=f"stage{i}_block{j}")(x)
-    return models.global_avg_pool(x, 3).astype(jnp.float32)
+        x = block(filters, conv=conv, norm=norm, act=self.act, name=f"stage{i}_block{j}")(x)
+    return models.global_avg_pool(x, 3).astype(models.out_dtype(self.dtype))
 
 
 class ResNet3D(nn.Module):
@@ -147,6 +148,7 @@ class ResNet3D(nn.Module):
   act: Callable = nn.relu
   axis_name: str | None = None
   conv_impl: str = "auto"   # ops.select_conv
+  remat: bool = False       # models.rematerialized
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -165,12 +167,13 @@ class ResNet3D(nn.Module):
     else:
       x = conv(self.num_filters, (3, 7, 7), (1, 2, 2), name="conv_init")(x)
     x = self.act(norm(name="bn_init")(x))
+    block = models.rematerialized(models.ResNetBlock, self.remat)
     for i, (n_blocks, ts) in enumerate(zip(self.stage_sizes, self.temporal_strides)):
       for j in range(n_blocks):
         strides = (ts, 2, 2) if i > 0 and j == 0 else (1, 1, 1)
-        x = models.ResNetBlock(self.num_filters * 2**i, conv=conv, norm=norm, act=self.act,
-                               strides=strides, spatial_dims=3)(x)
-    return models.global_avg_pool(x, 3).astype(jnp.float32)
+        x = block(self.num_filters * 2**i, conv=conv, norm=norm, act=self.act, strides=strides,
+                  spatial_dims=3, name=f"ResNetBlock_{sum(self.stage_sizes[:i]) + j}")(x)
+    return models.global_avg_pool(x, 3).astype(models.out_dtype(self.dtype))
 
 
 R3D18 = functools.partial(ResNet3D, stage_sizes=(2, 2, 2, 2), factorized=False)

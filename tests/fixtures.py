@@ -143,6 +143,48 @@ def assert_value_and_gradient_close(value, want_value, grads, want_grads):
   assert max(errors.values()) <= FLOAT32_STEP_RTOL, errors
 
 
+# Whole encoders are compared in float64. Their gradients amplify rounding about 1,000-fold
+# (BatchNorm over 4 values at the 1x1 stage), so in float32 two ways of computing an encoder
+# (tests/test_ops.py: ops.py's kernels against XLA's) are 1e-4 from the exact gradient and from
+# each other, by amounts that depend on the CPU's instruction set (AMD EPYC: 1.7e-4); in
+# float64 they agree to 1e-13 on any CPU, and a wrong patch, pad or transpose shows as O(1).
+ENCODER_RTOL = 1e-10
+
+
+def assert_close(a, b, rtol):
+  """|a - b| <= rtol * max|a|, leaf by leaf (float64 leaves compared in float64)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    dtype = np.float64 if np.asarray(x).dtype == np.float64 else np.float32
+    x, y = np.asarray(x, dtype), np.asarray(y, dtype)
+    assert x.shape == y.shape
+    np.testing.assert_allclose(y, x, rtol=0, atol=rtol * max(float(np.abs(x).max()), 1e-30))
+
+
+def encoder_value_and_grads(encoder, variables, x):
+  """Jitted ((sum(sin(h)), the updated batch_stats), (d/dparams, d/dx)) of a train-mode
+  encoder."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def f(params, x):
+    h, new = encoder.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                           train=True, mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(h)), new["batch_stats"]
+  return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(variables["params"], x)
+
+
+def unit_scales_f64(variables):
+  """float64 copies; every BatchNorm scale 1, so that every convolution reaches the output
+  (the residual branches' last scales are initialised at 0)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return {"params": jax.tree_util.tree_map_with_path(
+      lambda p, a: (jnp.ones_like(a) if p[-1].key == "scale" else a).astype(jnp.float64),
+      variables["params"]),
+          "batch_stats": jax.tree.map(lambda a: a.astype(jnp.float64), variables["batch_stats"])}
+
+
 def _delta(new, old):
   import jax  # pylint: disable=g-import-not-at-top
   return jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),

@@ -110,14 +110,16 @@ def test_a_failing_run_is_a_row_and_the_others_go_on(monkeypatch, capsys):
   assert "Traceback" in out.err and out.out.count("| torch | cpu | 2000.0 | 2.0 |") == 2
 
 
-def test_a_step_out_of_memory_runs_again_with_gradient_caching(monkeypatch, capsys):
-  """Out of device memory: the same step again over 2 microbatches (then 4), for real, and
-  the row and table say so; any other error is not retried."""
+def test_a_step_out_of_memory_runs_again_rematerialized_then_with_gradient_caching(
+    monkeypatch, capsys):
+  """Out of device memory: the same step again with its blocks rematerialized, then over 2
+  microbatches as well (for real), and the row and table say so; any other error is not
+  retried."""
   from benchmarks import device_bench  # pylint: disable=g-import-not-at-top
   run_jax, tried = device_bench.run_jax, []
 
   def fits_from_two(spec, steps, warmup, profile_dir):
-    tried.append(spec["microbatches"])
+    tried.append((spec["remat"], spec["microbatches"]))
     if spec["microbatches"] < 2:
       raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.1GiB")
     return run_jax(spec, steps, warmup, profile_dir)
@@ -127,18 +129,21 @@ def test_a_step_out_of_memory_runs_again_with_gradient_caching(monkeypatch, caps
                           "--steps", "1", "--warmup", "1"])
   out = capsys.readouterr()
   row = json.loads(next(line for line in out.out.splitlines() if line.startswith("{")))
-  assert rc == 0 and tried == [1, 2]
-  assert row["microbatches"] == 2 and row["items_s"] > 0 and math.isfinite(row["loss"])
-  assert row["temp_gib"] >= 0
-  assert "2 microbatches (gradient caching: 1 ran out of memory)" in out.out
-  assert "out of device memory with 1 microbatch(es); again with 2" in out.err
+  assert rc == 0 and tried == [(False, 1), (True, 1), (True, 2)]
+  assert row["remat"] is True and row["microbatches"] == 2
+  assert row["items_s"] > 0 and math.isfinite(row["loss"]) and row["temp_gib"] >= 0
+  assert ("blocks rematerialized and 2 microbatches (gradient caching) after running out of "
+          "memory") in out.out
+  assert ("out of device memory with remat off, 1 microbatch(es); again with remat on, "
+          "1 microbatch(es)") in out.err
+  assert "again with remat on, 2 microbatch(es)" in out.err
 
   tried.clear()
 
   def broken(spec, steps, warmup, profile_dir):
-    tried.append(spec["microbatches"])
+    tried.append((spec["remat"], spec["microbatches"]))
     raise ValueError("not a memory problem")
 
   monkeypatch.setattr(device_bench, "run_jax", broken)
   assert device_bench.main(["--tiny", "--no_torch", "--cases", "simclr_resnet18"]) == 1
-  assert tried == [1]
+  assert tried == [(False, 1)]

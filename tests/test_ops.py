@@ -7,15 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ssl_us import models, ops, parallel
-
-
-def _close(a, b, rtol):
-  """|a - b| <= rtol * max|a|, leaf by leaf."""
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    dtype = np.float64 if np.asarray(x).dtype == np.float64 else np.float32
-    x, y = np.asarray(x, dtype), np.asarray(y, dtype)
-    assert x.shape == y.shape
-    np.testing.assert_allclose(y, x, rtol=0, atol=rtol * max(float(np.abs(x).max()), 1e-30))
+from tests.fixtures import ENCODER_RTOL, assert_close, encoder_value_and_grads, unit_scales_f64
 
 
 def _value_and_grads(module, variables, x, r):
@@ -52,16 +44,16 @@ def test_conv_equals_flax(shape, features, kernel, strides, padding):
   v_fast = fast.init(jax.random.key(1), x)
   # Same parameter names, shapes and initial values: checkpoints are interchangeable.
   assert jax.tree.structure(v_ref) == jax.tree.structure(v_fast)
-  _close(v_ref, v_fast, 0.0)
+  assert_close(v_ref, v_fast, 0.0)
   y_ref = ref.apply(v_ref, x)
   y_fast = jax.jit(fast.apply)(v_ref, x)
   assert y_fast.shape == y_ref.shape and y_fast.dtype == y_ref.dtype
-  _close(y_ref, y_fast, 1e-5)
+  assert_close(y_ref, y_fast, 1e-5)
   r = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
   l_ref, g_ref = _value_and_grads(ref, v_ref, x, r)
   l_fast, g_fast = _value_and_grads(fast, v_ref, x, r)
   np.testing.assert_allclose(l_fast, l_ref, rtol=1e-5)
-  _close(g_ref, g_fast, 1e-5)
+  assert_close(g_ref, g_fast, 1e-5)
 
 
 def test_conv_bfloat16_equals_flax():
@@ -74,9 +66,9 @@ def test_conv_bfloat16_equals_flax():
     v = ref.init(jax.random.key(1), x)
     y_ref, y_fast = ref.apply(v, x), jax.jit(fast.apply)(v, x)
     assert y_fast.dtype == y_ref.dtype == jnp.bfloat16
-    _close(y_ref, y_fast, 2e-2)
+    assert_close(y_ref, y_fast, 2e-2)
     r = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
-    _close(_value_and_grads(ref, v, x, r)[1], _value_and_grads(fast, v, x, r)[1], 3e-2)
+    assert_close(_value_and_grads(ref, v, x, r)[1], _value_and_grads(fast, v, x, r)[1], 3e-2)
 
 
 def test_weight_grad_over_many_chunks(monkeypatch):
@@ -91,7 +83,7 @@ def test_weight_grad_over_many_chunks(monkeypatch):
                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
   want = jax.vjp(conv, w)[1](dy)[0]
   got = jax.jit(lambda x, dy: ops.weight_grad(x, dy, (3, 3), (2, 2), pads))(x, dy)
-  _close(want, got, 1e-5)
+  assert_close(want, got, 1e-5)
 
 
 def test_patches_layout():
@@ -142,7 +134,7 @@ def test_max_pool_random_and_bfloat16():
     assert g_fast.dtype == g_ref.dtype == dtype
     np.testing.assert_array_equal(v_fast, v_ref)
     # Overlapping windows sum cotangents in another order: bfloat16 rounds those sums.
-    _close(g_ref, g_fast, 1e-2 if dtype == jnp.bfloat16 else 1e-6)
+    assert_close(g_ref, g_fast, 1e-2 if dtype == jnp.bfloat16 else 1e-6)
 
 
 def test_select_rejects_unknown_impl():
@@ -176,29 +168,6 @@ def test_auto_is_the_default_and_logs_its_choice_once(caplog, monkeypatch):
   assert models.ResNet18().conv_impl == models.ConvNet4().conv_impl == "auto"
 
 
-def _encoder_value_and_grads(encoder, variables, x):
-  def f(params, x):
-    h, _ = encoder.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                         train=True, mutable=["batch_stats"])
-    return jnp.sum(jnp.sin(h))
-  return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(variables["params"], x)
-
-
-def _unit_scales_f64(variables):
-  """float64 copies; every BatchNorm scale 1, so that every convolution reaches the output
-  (the residual branches' last scales are initialised at 0)."""
-  return {"params": jax.tree_util.tree_map_with_path(
-      lambda p, a: (jnp.ones_like(a) if p[-1].key == "scale" else a).astype(jnp.float64),
-      variables["params"]),
-          "batch_stats": jax.tree.map(lambda a: a.astype(jnp.float64), variables["batch_stats"])}
-
-
-# Whole encoders are compared in float64. Their gradients amplify rounding about 1,000-fold
-# (BatchNorm over 4 values at the 1x1 stage), so in float32 both implementations are 1e-4 from
-# the exact gradient and from each other, by amounts that depend on the CPU's instruction set
-# (AMD EPYC: 1.7e-4); in float64 they agree to 1e-13 on any CPU, and a wrong patch, pad or
-# transpose shows as O(1). The kernels' float32 accuracy is tested op by op above.
-ENCODER_RTOL = 1e-10
 
 
 @pytest.mark.parametrize("name,kwargs", [
@@ -210,23 +179,23 @@ def test_encoder_fast_equals_xla(name, kwargs):
   x = np.random.default_rng(0).normal(size=(4, 32, 32, 1))
   v = models.make_encoder(name, conv_impl="xla", **kwargs).init(
       jax.random.key(0), x.astype(np.float32), train=False)
-  _close(v, models.make_encoder(name, conv_impl="fast", **kwargs).init(
+  assert_close(v, models.make_encoder(name, conv_impl="fast", **kwargs).init(
       jax.random.key(0), x.astype(np.float32), train=False), 0.0)  # the same parameters
   with jax.enable_x64(True):
     ref = models.make_encoder(name, conv_impl="xla", dtype=jnp.float64, **kwargs)
     fast = models.make_encoder(name, conv_impl="fast", dtype=jnp.float64, **kwargs)
-    v, x = _unit_scales_f64(v), jnp.asarray(x, jnp.float64)
-    (l_ref, (gp_ref, gx_ref)) = _encoder_value_and_grads(ref, v, x)
-    (l_fast, (gp_fast, gx_fast)) = _encoder_value_and_grads(fast, v, x)
+    v, x = unit_scales_f64(v), jnp.asarray(x, jnp.float64)
+    ((l_ref, _), (gp_ref, gx_ref)) = encoder_value_and_grads(ref, v, x)
+    ((l_fast, _), (gp_fast, gx_fast)) = encoder_value_and_grads(fast, v, x)
   l_ref, gp_ref, gx_ref, l_fast, gp_fast, gx_fast = jax.device_get(
       (l_ref, gp_ref, gx_ref, l_fast, gp_fast, gx_fast))   # float64 numpy from here on
   assert l_fast.dtype == np.float64 and all(
       g.dtype == np.float64 for g in jax.tree.leaves((gp_fast, gx_fast)))
   np.testing.assert_allclose(l_fast, l_ref, rtol=ENCODER_RTOL)
-  _close(gx_ref, gx_fast, ENCODER_RTOL)
+  assert_close(gx_ref, gx_fast, ENCODER_RTOL)
   for a, b in zip(jax.tree.leaves(gp_ref), jax.tree.leaves(gp_fast)):
     if np.abs(a).max() > 1e-6:  # BatchNorm biases before a max-pool: about 0 + noise
-      _close(a, b, ENCODER_RTOL)
+      assert_close(a, b, ENCODER_RTOL)
 
 
 def test_resnet18_fast_inside_shard_map():
@@ -237,7 +206,7 @@ def test_resnet18_fast_inside_shard_map():
   v = models.ResNet18(num_filters=8).init(jax.random.key(0), x[:1].astype(np.float32))
   out = {}
   with jax.enable_x64(True):
-    v = _unit_scales_f64(v)
+    v = unit_scales_f64(v)
     for impl in ("xla", "fast"):
       enc = models.ResNet18(num_filters=8, conv_impl=impl, axis_name=parallel.DATA,
                             dtype=jnp.float64)
@@ -253,7 +222,7 @@ def test_resnet18_fast_inside_shard_map():
           fn(parallel.replicate(v["params"], mesh), parallel.shard_host_batch(x, mesh)))
   assert out["fast"][0].dtype == np.float64
   np.testing.assert_allclose(out["fast"][0], out["xla"][0], rtol=ENCODER_RTOL)
-  _close(out["xla"][1]["conv_init"], out["fast"][1]["conv_init"], ENCODER_RTOL)
-  _close(out["xla"][1]["ResNetBlock_7"], out["fast"][1]["ResNetBlock_7"], ENCODER_RTOL)
+  assert_close(out["xla"][1]["conv_init"], out["fast"][1]["conv_init"], ENCODER_RTOL)
+  assert_close(out["xla"][1]["ResNetBlock_7"], out["fast"][1]["ResNetBlock_7"], ENCODER_RTOL)
 
 
