@@ -82,8 +82,8 @@ def make_config(spec: dict):
     c = common.base_config()
     c.model.encoder = spec["encoder"]
   c.model.encoder_kwargs = ml_collections.ConfigDict(dict(
-      num_filters=spec["width"], conv_impl=spec.get("conv_impl", "auto"),
-      remat=spec.get("remat", False)))
+      num_filters=spec["width"], conv_impl=spec.get("conv_impl", "auto")))
+  c.model.remat = spec.get("remat", False)
   c.model.dtype = spec.get("dtype", "auto")
   c.image_size = (spec["size"], spec["size"])
   c.batch_size = spec["batch"]
@@ -185,7 +185,7 @@ def run_jax(spec: dict, steps: int, warmup: int, profile_dir: str | None = None)
          "gflop_per_step": float(f"{model_flops / 1e9:.4g}"),
          "xla_gflop_per_step": float(f"{xla_flops / 1e9:.4g}"),
          "mfu": round(model_flops / dt / peak, 3) if peak and model_flops > 0 else None,
-         "remat": config.model.encoder_kwargs.remat, "microbatches": config.microbatches,
+         "remat": config.model.remat, "microbatches": config.microbatches,
          "temp_gib": temp_gib,
          "compile_and_warmup_s": round(first, 1), "loss": round(loss, 4)}
   return dict(row, profile=profiled) if profiled else row

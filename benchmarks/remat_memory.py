@@ -1,4 +1,4 @@
-"""What rematerialized residual blocks (``encoder_kwargs.remat``) save, on this backend.
+"""What rematerialized residual blocks (``config.model.remat``) save, on this backend.
 
   python -m benchmarks.remat_memory --encoder resnet50 --size 224 --batch 64
 

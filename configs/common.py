@@ -14,7 +14,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 0
   c.model = ml_collections.ConfigDict(dict(
       encoder="resnet18", encoder_kwargs=ml_collections.ConfigDict(), head_hidden=(512,),
-      head_out=128, head_bn_last=False, dtype="auto"))
+      head_out=128, head_bn_last=False, dtype="auto",
+      # True: the encoder's residual blocks are recomputed in the backward pass instead of
+      # kept (models.rematerialized; ResNets and the 3D encoders): less activation memory on
+      # GPU/TPU for one more forward pass, the same result. README, Large batches.
+      remat=False))
   # impl: 'dense' (2n x 2N logits per device), 'ring' (key blocks around the mesh axis, O(n^2)
   # memory), or 'auto' (ring once the dense float32 logits would pass dense_limit_mb).
   c.loss = ml_collections.ConfigDict(dict(temperature=0.5, impl="auto", dense_limit_mb=1024))

@@ -1,4 +1,4 @@
-"""Rematerialized residual blocks (``encoder_kwargs.remat``): the same parameters and
+"""Rematerialized residual blocks (``config.model.remat``): the same parameters and
 mathematics, and only each block's input kept for the backward pass.
 
 What is kept is read before XLA: the residuals of ``jax.vjp`` and the optimization barriers
@@ -129,3 +129,17 @@ def test_an_unknown_encoder_field_is_a_clear_error():
     models.make_encoder("convnet4", remat=True)
   with pytest.raises(ValueError, match=r"'darknet53_3d' has no field 'num_filter'"):
     models.make_encoder("darknet53_3d", num_filter=8)
+
+
+def test_config_model_remat_reaches_the_encoder():
+  """``config.model.remat`` (declared in every config, so settable from the command line)."""
+  from configs import common, simclr_muscle  # pylint: disable=g-import-not-at-top
+  from ssl_us.methods.simclr import build_model  # pylint: disable=g-import-not-at-top
+  c = common.base_config()
+  assert c.model.remat is False and build_model(c, None).encoder.remat is False
+  c.model.remat = True
+  assert build_model(c, None).encoder.remat is True
+  c = simclr_muscle.get_config()           # ConvNet4: no residual blocks
+  c.model.remat = True
+  with pytest.raises(ValueError, match=r"encoder 'convnet4' has no field 'remat'"):
+    build_model(c, None)

@@ -15,8 +15,10 @@ from ssl_us.samplers_frames import FrameSampler
 def build_model(config, axis_name) -> models.ContrastiveModel:
   m = config.model
   dtype = models.compute_dtype(m.dtype)
-  encoder = models.make_encoder(m.encoder, dtype=dtype, axis_name=axis_name,
-                                **dict(m.encoder_kwargs))
+  kwargs = dict(m.encoder_kwargs)
+  if m.get("remat", False):
+    kwargs["remat"] = True
+  encoder = models.make_encoder(m.encoder, dtype=dtype, axis_name=axis_name, **kwargs)
   head = models.MLPHead(hidden=tuple(m.head_hidden), out_dim=m.head_out, dtype=dtype,
                         axis_name=axis_name, bn_last=m.get("head_bn_last", False))
   return models.ContrastiveModel(encoder=encoder, head=head)
