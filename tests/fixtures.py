@@ -174,6 +174,27 @@ def encoder_value_and_grads(encoder, variables, x):
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(variables["params"], x)
 
 
+def sharded_encoder_value_and_grads(encoder, variables, x, devices: int = 2):
+  """(mean of sin(h) over the global batch, d/dparams) of a train-mode ``encoder`` (built with
+  ``axis_name=parallel.DATA``: BatchNorm over all devices) under shard_map on ``devices``
+  devices, ``x`` split between them."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from ssl_us import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh(devices)
+
+  def loss(params, x):
+    h, _ = encoder.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                         train=True, mutable=["batch_stats"])
+    return jax.lax.pmean(jnp.mean(jnp.sin(h)), parallel.DATA)
+
+  fn = jax.jit(jax.shard_map(jax.value_and_grad(loss), mesh=mesh,
+                             in_specs=(P(), P(parallel.DATA)), out_specs=(P(), P())))
+  return jax.device_get(fn(parallel.replicate(variables["params"], mesh),
+                           parallel.shard_host_batch(x, mesh)))
+
+
 def unit_scales_f64(variables):
   """float64 copies; every BatchNorm scale 1, so that every convolution reaches the output
   (the residual branches' last scales are initialised at 0)."""

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from ssl_us import models, ops, parallel
-from tests.fixtures import ENCODER_RTOL, assert_close, encoder_value_and_grads, unit_scales_f64
+from tests.fixtures import (ENCODER_RTOL, assert_close, encoder_value_and_grads,
+                            sharded_encoder_value_and_grads, unit_scales_f64)
 
 
 def _value_and_grads(module, variables, x, r):
@@ -201,7 +201,6 @@ def test_encoder_fast_equals_xla(name, kwargs):
 def test_resnet18_fast_inside_shard_map():
   """Global BatchNorm over 2 devices, replicated kernels: same loss and gradient as 'xla'
   (float64, as above)."""
-  mesh = parallel.make_mesh(2)
   x = np.random.default_rng(0).normal(size=(4, 32, 32, 1))
   v = models.ResNet18(num_filters=8).init(jax.random.key(0), x[:1].astype(np.float32))
   out = {}
@@ -210,16 +209,7 @@ def test_resnet18_fast_inside_shard_map():
     for impl in ("xla", "fast"):
       enc = models.ResNet18(num_filters=8, conv_impl=impl, axis_name=parallel.DATA,
                             dtype=jnp.float64)
-
-      def loss(params, x, enc=enc):
-        h, _ = enc.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
-                         mutable=["batch_stats"])
-        return jax.lax.pmean(jnp.mean(jnp.sin(h)), parallel.DATA)
-
-      fn = jax.jit(jax.shard_map(jax.value_and_grad(loss), mesh=mesh,
-                                 in_specs=(P(), P(parallel.DATA)), out_specs=(P(), P())))
-      out[impl] = jax.device_get(
-          fn(parallel.replicate(v["params"], mesh), parallel.shard_host_batch(x, mesh)))
+      out[impl] = sharded_encoder_value_and_grads(enc, v, x)
   assert out["fast"][0].dtype == np.float64
   np.testing.assert_allclose(out["fast"][0], out["xla"][0], rtol=ENCODER_RTOL)
   assert_close(out["xla"][1]["conv_init"], out["fast"][1]["conv_init"], ENCODER_RTOL)

@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from benchmarks.remat_memory import main as remat_memory_main
 from benchmarks.remat_memory import residual_bytes
 from ssl_us import models, models3d, parallel
-from tests.fixtures import ENCODER_RTOL, assert_close, encoder_value_and_grads, unit_scales_f64
+from tests.fixtures import (ENCODER_RTOL, assert_close, encoder_value_and_grads,
+                            sharded_encoder_value_and_grads, unit_scales_f64)
 
 CLIP = (2, 4, 16, 16, 1)     # (N, T, H, W, C)
 
@@ -101,7 +101,6 @@ def test_the_lowered_gradient_holds_one_barrier_per_block(capsys):
 def test_remat_inside_shard_map_keeps_global_batchnorm():
   """2 devices, BatchNorm statistics over both (their pmean recomputed in the backward pass):
   the same loss and gradient as without remat (float64)."""
-  mesh = parallel.make_mesh(2)
   x = np.random.default_rng(0).normal(size=(4, 32, 32, 1))
   v = models.ResNet18(num_filters=4).init(jax.random.key(0), x[:1].astype(np.float32))
   out = {}
@@ -110,16 +109,7 @@ def test_remat_inside_shard_map_keeps_global_batchnorm():
     for remat in (False, True):
       enc = models.ResNet18(num_filters=4, remat=remat, axis_name=parallel.DATA,
                             dtype=jnp.float64)
-
-      def loss(params, x, enc=enc):
-        h, _ = enc.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
-                         mutable=["batch_stats"])
-        return jax.lax.pmean(jnp.mean(jnp.sin(h)), parallel.DATA)
-
-      fn = jax.jit(jax.shard_map(jax.value_and_grad(loss), mesh=mesh,
-                                 in_specs=(P(), P(parallel.DATA)), out_specs=(P(), P())))
-      out[remat] = jax.device_get(
-          fn(parallel.replicate(v["params"], mesh), parallel.shard_host_batch(x, mesh)))
+      out[remat] = sharded_encoder_value_and_grads(enc, v, x)
   np.testing.assert_allclose(out[True][0], out[False][0], rtol=ENCODER_RTOL)
   assert_close(out[False][1], out[True][1], ENCODER_RTOL)
 
