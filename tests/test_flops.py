@@ -103,6 +103,16 @@ def test_scan_multiplies_its_body_and_cond_counts_its_costliest_branch():
   assert _flops(fori, x, w) == 5 * one
 
 
+def test_rematerialized_work_counts_as_executed():
+  """d/dw sum(sin(x @ w)): the forward product and dw = x^T (g cos(x @ w)); under
+  jax.checkpoint the backward pass computes x @ w once more (model.remat's hardware FLOPs)."""
+  x, w = jnp.ones((2, 4)), jnp.ones((4, 3))
+  one = 2 * 2 * 4 * 3
+  f = lambda x, w: jnp.sum(jnp.sin(x @ w))
+  assert _flops(jax.grad(f, argnums=1), x, w) == 2 * one
+  assert _flops(jax.grad(jax.checkpoint(f), argnums=1), x, w) == 3 * one
+
+
 def test_a_while_loop_with_flops_says_it_cannot_be_counted():
   x, w = jnp.ones((2, 4)), jnp.ones((4, 4))
   loop = lambda x, w: jax.lax.while_loop(lambda h: h.sum() < 100.0, lambda h: h @ w, x)
