@@ -4,6 +4,7 @@
   python -m benchmarks.device_bench --tiny          # toy sizes, on CPU (tests/test_device_bench.py)
   python -m benchmarks.device_bench --profile DIR   # also a trace and op summary per JAX case
   python -m benchmarks.device_bench --count_flops   # model FLOPs per step only (any machine)
+  bash benchmarks/device_call.sh OUT_DIR            # the prepared GPU call: this, then remat
 
 Needs jax, flax, optax and orbax (and torch for the mirrors: without it the torch rows say so);
 no tensorflow, network or data: batches are synthetic uint8, made once on the host and placed

@@ -4,6 +4,7 @@ imported."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -147,3 +148,31 @@ def test_a_step_out_of_memory_runs_again_rematerialized_then_with_gradient_cachi
   monkeypatch.setattr(device_bench, "run_jax", broken)
   assert device_bench.main(["--tiny", "--no_torch", "--cases", "simclr_resnet18"]) == 1
   assert tried == [(False, 1)]
+
+
+def _device_call(out, *args, budget):
+  env = dict(os.environ, XLA_FLAGS=fixtures.xla_flags(1), CALL_BUDGET_S=str(budget),
+             PYTHONPATH=ROOT,   # python3 is this interpreter, as on the device image
+             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+             REMAT_ARGS="--encoder resnet18 --width 2 --size 16 --batch 2 --conv_impl xla")
+  return subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "device_call.sh"), str(out),
+                         *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_prepared_device_call_keeps_its_logs_and_budget(tmp_path):
+  """benchmarks/device_call.sh: device_bench's log, then remat_memory's while the budget
+  allows; device_bench's exit status is the call's."""
+  done = _device_call(tmp_path / "ok", "--count_flops", "--tiny", "--cases", "simclr_resnet18",
+                      budget=10_000)
+  assert done.returncode == 0, done.stderr
+  bench = (tmp_path / "ok" / "device_bench.log").read_text()
+  assert json.loads(bench.splitlines()[-1])["model_gflop_per_step"] > 0
+  remat = [json.loads(line) for line in (tmp_path / "ok" / "remat_memory.log").read_text()
+           .splitlines()]
+  assert [(r["remat"], r["barriers"]) for r in remat] == [(False, 0), (True, 8)]
+
+  failed = _device_call(tmp_path / "failed", "--cases", "no_such_case", budget=0)
+  assert failed.returncode == 1
+  assert "KeyError: 'no_such_case'" in (tmp_path / "failed" / "device_bench.log").read_text()
+  assert re.fullmatch(r"remat_memory skipped: -?\d+ s of the call's 0 s left\n",
+                      (tmp_path / "failed" / "remat_memory.log").read_text())
