@@ -3,9 +3,9 @@ mathematics, and only each block's input kept for the backward pass.
 
 What is kept is read before XLA: the residuals of ``jax.vjp`` and the optimization barriers
 of the lowered step. XLA's CPU pipeline removes those barriers before its common-subexpression
-elimination, which then merges the recomputation back into the forward pass, so on CPU the
-compiled step keeps what it kept without remat; GPU and TPU keep the barriers to the end
-(benchmarks/RESULTS.md).
+elimination, then merges part of the recomputation back and schedules the rest freely, so on
+CPU the compiled step keeps no less than without remat; GPU and TPU remove them only after
+their last CSE (benchmarks/RESULTS.md).
 """
 import json
 
