@@ -10,7 +10,10 @@ without the data.
 Damage (truncated or corrupted files, a missing item) is survived: ``restore_latest`` warns
 about a step that does not restore, names it and the reason, and tries the next newest. The
 damaged step stays where it is until the resumed run saves that step number again; it is then
-moved, not deleted, to <workdir>/checkpoints.damaged/<step>-<time>.
+moved, not deleted, to <workdir>/checkpoints.damaged/<step>-<time>. What "does not restore"
+covers is what orbax and tensorstore check: the manifest, the b-tree nodes that index the
+arrays, the arrays' sizes and codecs. The array bytes themselves carry no checksum, so a few
+flipped bits inside an array's values can restore, wrong, without an error.
 """
 from __future__ import annotations
 
