@@ -6,9 +6,10 @@ For one train-mode encoder, without and with remat: the bytes ``jax.vjp`` keeps 
 backward pass (before XLA), the optimization barriers and convolutions in the lowered
 gradient, the convolutions left in the compiled one (XLA's or cuDNN's), XLA's temporary
 buffers of the compiled gradient (memory_analysis), and its time per call. One
-JSON line per setting. On CPU the compiled sizes barely move: XLA's CPU pipeline removes the
-barriers before common-subexpression elimination, which merges the recomputation back into
-the forward pass (benchmarks/RESULTS.md); GPU and TPU keep them to the end.
+JSON line per setting. On CPU the compiled step keeps no less: XLA's CPU pipeline removes the
+barriers before common-subexpression elimination, then merges part of the recomputation back
+and schedules the rest freely (benchmarks/RESULTS.md); GPU and TPU remove them only after
+their last CSE.
 """
 from __future__ import annotations
 
