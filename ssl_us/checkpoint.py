@@ -121,7 +121,10 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iter):
   """Saves ``state`` and the input position: ``data_iter`` is the grain iterator, or anything
   with its ``get_state`` (input_pipeline.DevicePrefetch: the state before the batches it holds).
   """
-  if step in _steps(manager):
+  damaged = step in _steps(manager)
+  # Every process looks before process 0 moves anything, so all take the same branch.
+  _barrier(f"ssl_us_looked_for_{step}")
+  if damaged:
     # Only a step that did not restore can be here again (restore_latest fell back below it):
     # keep it for the user, out of the manager's way.
     src = os.path.join(str(manager.directory), str(step))
