@@ -10,17 +10,28 @@ without the data.
 Damage (truncated or corrupted files, a missing item) is survived: ``restore_latest`` warns
 about a step that does not restore, names it and the reason, and tries the next newest. The
 damaged step stays where it is until the resumed run saves that step number again; it is then
-moved, not deleted, to <workdir>/checkpoints.damaged/<step>-<time>. What "does not restore"
-covers is what orbax and tensorstore check: the manifest, the b-tree nodes that index the
-arrays, the arrays' sizes and codecs. The array bytes themselves carry no checksum, so a few
-flipped bits inside an array's values can restore, wrong, without an error.
+moved, not deleted, to <workdir>/checkpoints.damaged/<step>-<time>.
+
+Orbax and tensorstore check the manifest, the b-tree nodes that index the arrays, the arrays'
+sizes and codecs, but not the array bytes: a few flipped bits inside an array's values restore,
+wrong, without an error. So every step also holds <step>/ssl_us_checksums.json, the size and
+SHA-256 of every file of its items, written by orbax's post-finalization callback: on the
+primary process, after every process has written the step and before orbax renames it into
+place, so no step appears without it. ``restore_latest`` and ``load_state`` check it before
+restoring (each process hashes its share of the files); a changed, missing or added file makes
+the step one that does not restore, named with the file. A step without the file (written
+before ssl_us wrote checksums) restores as before, unverified, and says so.
+``python -m ssl_us.checkpoint WORKDIR`` checks every step, e.g. after copying a run.
 """
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import time
 
 import grain
@@ -74,16 +85,111 @@ def dummy_batch(workdir: str, n: int = 2):
   return {k: np.zeros([n] + shape, dtype) for k, (shape, dtype) in spec.items()}
 
 
-def make_manager(workdir: str, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
-  return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
-      item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "data": grain.checkpoint.CheckpointHandler()})
-
-
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored; the message names the step and the reason."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Checksums: the size and SHA-256 of every file in a step's item directories.
+
+CHECKSUMS = "ssl_us_checksums.json"
+
+
+def _item_files(step_dir: str) -> list[str]:
+  """Paths, relative to ``step_dir``, of every file in its subdirectories (the items), sorted.
+  The step's own files (orbax's step metadata and commit marker, which orbax writes after the
+  checksums, and the checksum file) are not items."""
+  found = []
+  for entry in sorted(os.listdir(step_dir)):
+    top = os.path.join(step_dir, entry)
+    if os.path.isdir(top):
+      for root, _, files in os.walk(top):
+        found += [os.path.relpath(os.path.join(root, f), step_dir) for f in files]
+  return sorted(found)
+
+
+def _sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checksums(step_dir: str):
+  """Writes <step_dir>/ssl_us_checksums.json (through a temporary name)."""
+  files = {rel: {"bytes": os.path.getsize(os.path.join(step_dir, rel)),
+                 "sha256": _sha256(os.path.join(step_dir, rel))}
+           for rel in _item_files(step_dir)}
+  _write_json(os.path.join(step_dir, CHECKSUMS), {"files": files})
+
+
+def verify_checksums(step_dir: str, part: int = 0, parts: int = 1) -> bool:
+  """Checks the files of ``step_dir`` against its ssl_us_checksums.json: the ``part``-th of
+  ``parts`` shares of the listed files (one share per process); share 0 also looks for files
+  added since. True if checked, False if the step has no checksum file; CheckpointError, naming
+  the file and what differs, if anything does."""
+  path = os.path.join(step_dir, CHECKSUMS)
+  if not os.path.exists(path):
+    return False
+  try:
+    with open(path) as f:
+      saved = json.load(f)["files"]
+    saved = {str(rel): {"bytes": int(v["bytes"]), "sha256": str(v["sha256"])}
+             for rel, v in saved.items()}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise CheckpointError(f"DATA_LOSS: {path} is unreadable ({type(e).__name__}: {e})") from None
+  listed = sorted(saved)
+  for rel in listed[part::parts]:
+    f, want = os.path.join(step_dir, rel), saved[rel]
+    if not os.path.isfile(f):
+      raise CheckpointError(f"NOT_FOUND: {f} is missing ({want['bytes']} bytes at save)")
+    size = os.path.getsize(f)
+    if size != want["bytes"]:
+      raise CheckpointError(f"DATA_LOSS: {f} has {size} bytes, {want['bytes']} at save")
+    if _sha256(f) != want["sha256"]:
+      raise CheckpointError(f"DATA_LOSS: {f} has changed since it was saved (its SHA-256 "
+                            f"differs from the one in {CHECKSUMS})")
+  if part == 0:
+    added = sorted(set(_item_files(step_dir)) - set(listed))
+    if added:
+      raise CheckpointError(f"DATA_LOSS: {os.path.join(step_dir, added[0])} was not in the "
+                            f"step when it was saved ({len(added)} such files)")
+  return True
+
+
+class _ChecksumOnFinalize:
+  """Orbax's post-finalization callback. Orbax runs it on the primary process, in its save
+  thread, once every process has written the step and before it renames the step's temporary
+  directory into place; it takes no arguments, so ``save`` queues the step numbers (saves are
+  finalized one at a time, in order)."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self.pending = collections.deque()
+
+  def __call__(self):
+    step = self.pending.popleft()
+    final = os.path.join(self.directory, str(step))
+    tmp = final + ocp.path.atomicity_types.TMP_DIR_SUFFIX
+    for step_dir in (tmp, final):
+      if os.path.isdir(step_dir):
+        return write_checksums(step_dir)
+    raise CheckpointError(f"checkpoint step {step}: neither {tmp} nor {final} exists to write "
+                          f"{CHECKSUMS} in")
+
+
+def make_manager(workdir: str, config, checksums: bool = True) -> ocp.CheckpointManager:
+  """The run's manager; ``checksums=False`` is orbax alone (benchmarks/checkpoint_checksums.py
+  compares the two)."""
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  callback = _ChecksumOnFinalize(directory)
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints, create=True,
+      async_options=ocp.AsyncOptions(post_finalization_callback=callback if checksums else None))
+  manager = ocp.CheckpointManager(
+      directory, options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()})
+  manager.ssl_us_checksums = callback if checksums else None
+  return manager
 
 
 # A TensorStore status in an error message: 'OUT_OF_RANGE: Error reading "<array key>" in OCDBT
@@ -136,8 +242,17 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iter):
             flush=True)
     _barrier(f"ssl_us_move_damaged_{step}")
     manager.reload()
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)))
+  callback = getattr(manager, "ssl_us_checksums", None)      # None: orbax's manager alone
+  queue = callback.pending if callback and jax.process_index() == 0 else None
+  if queue is not None:
+    queue.append(step)
+  saved = False
+  try:
+    saved = manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)))
+  finally:
+    if not saved and queue and queue[-1] == step:
+      queue.pop()          # nothing to finalize: no callback will take it
 
 
 def _barrier(name):
@@ -146,12 +261,24 @@ def _barrier(name):
     multihost_utils.sync_global_devices(name)
 
 
-def _all_processes_ok(ok: bool) -> bool:
-  """True iff ``ok`` on every process (they must agree on the step they restore)."""
+_REASON_BYTES = 600
+
+
+def _first_reason(reason: str | None) -> str | None:
+  """None if ``reason`` is None on every process, else the first process's reason (with the
+  process named when there are several): the processes must agree on the step they restore."""
   if jax.process_count() == 1:
-    return ok
+    return reason
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+  code = np.zeros(_REASON_BYTES + 1, np.uint8)
+  if reason is not None:
+    text = reason.encode()[:_REASON_BYTES]
+    code[0], code[1:1 + len(text)] = 1, np.frombuffer(text, np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(code)).reshape(-1, _REASON_BYTES + 1)
+  for i, row in enumerate(every):
+    if row[0]:
+      return f"on process {i}: " + bytes(row[1:]).rstrip(b"\0").decode(errors="replace")
+  return None
 
 
 def _abstract(tree):
@@ -165,16 +292,26 @@ def restore_latest(manager: ocp.CheckpointManager, state, data_iter, log_fn=None
   log_fn = log_fn or print
   tried = []
   for step in reversed(_steps(manager)):
+    step_dir = os.path.join(str(manager.directory), str(step))
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_abstract(state)),
-          data=grain.checkpoint.CheckpointRestore(data_iter)))
+      verified = verify_checksums(step_dir, jax.process_index(), jax.process_count())
       reason = None
-    except Exception as e:  # pylint: disable=broad-except  (tensorstore, orbax, OS, grain)
-      reason = _reason(e)
-    if _all_processes_ok(reason is None):
+    except (CheckpointError, OSError) as e:
+      reason = str(e) if isinstance(e, CheckpointError) else _reason(e)
+    reason = _first_reason(reason)      # every process restores, or none
+    if reason is None:
+      try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(state)),
+            data=grain.checkpoint.CheckpointRestore(data_iter)))
+      except Exception as e:  # pylint: disable=broad-except  (tensorstore, orbax, OS, grain)
+        reason = _reason(e)
+      reason = _first_reason(reason)
+    if reason is None:
+      if not verified:
+        log_fn(f"checkpoint step {step} in {manager.directory} has no {CHECKSUMS} (written "
+               f"before ssl_us wrote checksums): restored with orbax's checks only")
       return restored["state"], step
-    reason = reason or "failed on another process"
     log_fn(f"WARNING: checkpoint step {step} in {manager.directory} does not restore "
            f"({reason}); it is left in place; trying the next newest")
     tried.append(f"step {step}: {reason}")
@@ -210,11 +347,13 @@ def load_state(workdir: str, step: int | None = None):
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           abstract)
   try:
+    verify_checksums(os.path.join(str(manager.directory), str(step)))
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))["state"]
   except Exception as e:  # pylint: disable=broad-except  (tensorstore, orbax, OS)
+    reason = str(e) if isinstance(e, CheckpointError) else _reason(e)
     raise CheckpointError(f"{workdir}: checkpoint step {step} cannot be restored "
-                          f"({_reason(e)}); other steps: "
+                          f"({reason}); other steps: "
                           f"{sorted(set(steps) - {step})}") from None
   finally:
     manager.close()
@@ -246,3 +385,40 @@ def encode(module, variables, x, batch_size: int = 256):
   out = [np.asarray(fn(variables, jnp.asarray(x[i:i + batch_size])))
          for i in range(0, len(x), batch_size)]
   return np.concatenate(out) if out else np.zeros((0,))
+
+
+def main(argv=None) -> int:
+  """Checks every checkpoint step of a workdir against its checksums; 1 if any differs."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(description=main.__doc__)
+  p.add_argument("workdir", help="a pretraining workdir (holding checkpoints/)")
+  args = p.parse_args(argv)
+  directory = os.path.join(args.workdir, "checkpoints")
+  steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit()) if os.path.isdir(
+      directory) else []
+  if not steps:
+    print(f"{directory}: no checkpoints")
+    return 1
+  counts = collections.Counter()
+  for step in steps:
+    step_dir = os.path.join(directory, str(step))
+    try:
+      if verify_checksums(step_dir):
+        with open(os.path.join(step_dir, CHECKSUMS)) as f:
+          files = json.load(f)["files"]
+        counts["as saved"] += 1
+        print(f"step {step}: {len(files)} files, {sum(v['bytes'] for v in files.values()):,} "
+              f"bytes, as saved")
+      else:
+        counts["without checksums"] += 1
+        print(f"step {step}: no {CHECKSUMS} (written before ssl_us wrote checksums); unchecked")
+    except CheckpointError as e:
+      counts["damaged"] += 1
+      print(f"step {step}: {e}")
+  print(f"{directory}: " + ", ".join(f"{counts[k]} {k}" for k in
+                                     ("as saved", "without checksums", "damaged") if counts[k]))
+  return 1 if counts["damaged"] else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -2,12 +2,14 @@
 and surviving SIGTERM on one process and SIGKILL of both with bit-exact resumes."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from ssl_us import checkpoint, parallel, train
 from tests import fixtures, test_train
@@ -63,13 +65,21 @@ def _wait_for_line(proc, prefix, lines):
   raise AssertionError("".join(lines)[-3000:])
 
 
-def test_sigterm_on_one_process_and_sigkill_of_both_resume_bit_exactly(tmp_path):
-  """Uninterrupted 10 steps, against: SIGTERM to process 1 alone (both stop at one agreed step,
-  save, exit 0), the same command again, SIGKILL of both between checkpoints, the same command
-  again. Each process runs 1 grain worker process."""
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """The uninterrupted 10-step two-process run (checkpoints at 3, 6, 9, 10)."""
+  tmp_path = tmp_path_factory.mktemp("reference")
   data = fixtures.write_dataset(str(tmp_path / "data"), num_videos=8, frames=4)
   ref_wd = str(tmp_path / "ref")
   ref, _ = _finish(_launch(tmp_path, data, ref_wd, "ref", 10, 1), tmp_path, "ref")
+  return data, ref_wd, ref
+
+
+def test_sigterm_on_one_process_and_sigkill_of_both_resume_bit_exactly(tmp_path, reference):
+  """Uninterrupted 10 steps, against: SIGTERM to process 1 alone (both stop at one agreed step,
+  save, exit 0), the same command again, SIGKILL of both between checkpoints, the same command
+  again. Each process runs 1 grain worker process."""
+  data, ref_wd, ref = reference
   wd = str(tmp_path / "wd")
 
   procs = _launch(tmp_path, data, wd, "term", 10, 1, pace=0.4)
@@ -101,3 +111,27 @@ def test_sigterm_on_one_process_and_sigkill_of_both_resume_bit_exactly(tmp_path)
     got, want = (open(os.path.join(d, "checkpoints", "10", "data", name)).read()
                  for d in (wd, ref_wd))
     assert json.loads(got) == json.loads(want)
+
+
+def test_a_file_only_process_1_checks_fails_the_step_on_both_processes(tmp_path, reference):
+  """Each process hashes its share of a step's files; a changed file in process 1's share
+  makes both processes fall back to the step before, and the run ends as the reference."""
+  data, ref_wd, ref = reference
+  wd = str(tmp_path / "wd")
+  shutil.copytree(ref_wd, wd)
+  step_dir = os.path.join(wd, "checkpoints", "10")
+  with open(os.path.join(step_dir, checkpoint.CHECKSUMS)) as f:
+    share_1 = sorted(json.load(f)["files"])[1::2]
+  path = os.path.join(step_dir, max(share_1, key=lambda r: os.path.getsize(
+      os.path.join(step_dir, r))))
+  b = bytearray(open(path, "rb").read())
+  b[len(b) // 2] ^= 0x01
+  open(path, "wb").write(bytes(b))
+  checkpoint.verify_checksums(step_dir, 0, 2)             # process 0's share is intact
+  rest, logs = _finish(_launch(tmp_path, data, wd, "rest", 10, 1), tmp_path, "rest")
+  for log in logs:
+    assert (f"WARNING: checkpoint step 10 in {wd}/checkpoints does not restore (on process 1: "
+            f"DATA_LOSS: {path} has changed since it was saved") in log, log[-3000:]
+  assert rest[0]["step"] == rest[1]["step"] == [10]
+  assert rest[0]["loss"] == ref[0]["loss"][9:]
+  fixtures.assert_states_equal(checkpoint.load_state(wd)[2], checkpoint.load_state(ref_wd)[2])

@@ -6,8 +6,10 @@ step after the restore (so the batches too).
 """
 import gc
 import glob
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -178,6 +180,16 @@ def _garble(step_dir):
     open(f, "wb").write(b.tobytes())
 
 
+def _flip_bit(step_dir, where=0.5):
+  """One bit of the largest data file, ``where`` of the way in: in the middle that is nearly
+  always inside an array's values, which orbax restores without an error."""
+  f = max(glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*")),
+          key=os.path.getsize)
+  b = bytearray(open(f, "rb").read())
+  b[int(len(b) * where)] ^= 0x10
+  open(f, "wb").write(bytes(b))
+
+
 def _drop_item(step_dir):
   shutil.rmtree(os.path.join(step_dir, "data"))
 
@@ -187,8 +199,14 @@ def _bad_manifest(step_dir):
     f.write(b"\0" * 10)
 
 
-DAMAGES = {"truncated": _truncate, "corrupted": _garble, "missing item": _drop_item,
-           "bad manifest": _bad_manifest}
+DAMAGES = {"truncated": _truncate, "corrupted": _garble, "one bit": _flip_bit,
+           "missing item": _drop_item, "bad manifest": _bad_manifest}
+
+
+def _drop_checksums(wd):
+  """The run as an ssl_us without checksums wrote it."""
+  for f in glob.glob(os.path.join(wd, "checkpoints", "*", checkpoint.CHECKSUMS)):
+    os.remove(f)
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +232,7 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(finished_run, 
   warning = [m for m in messages if m.startswith("WARNING: checkpoint step 6")]
   assert len(warning) == 1 and "does not restore" in warning[0], messages
   assert "left in place" in warning[0]
+  assert f"{wd}/checkpoints/6/" in warning[0]            # the damaged file, named
   # Restored step 3, replayed 4-6 exactly as the first run did.
   assert rest["step"] == [4, 5, 6]
   assert rest["loss"] == full["loss"][3:]
@@ -224,31 +243,199 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(finished_run, 
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]
 
 
-def test_every_checkpoint_damaged_is_an_error_listing_the_steps(finished_run, tmp_path):
+@pytest.mark.parametrize("checksums", [True, False])
+def test_every_checkpoint_damaged_is_an_error_listing_the_steps(finished_run, tmp_path,
+                                                               checksums):
   config, wd0, _, _ = finished_run
   wd = str(tmp_path / "wd")
   shutil.copytree(wd0, wd)
+  if not checksums:
+    _drop_checksums(wd)
   for step in ("3", "6"):
     _truncate(os.path.join(wd, "checkpoints", step))
+  # With checksums the size check names the file first; without, tensorstore's check does.
+  reason = (r"DATA_LOSS: .*/checkpoints/{}/state/ocdbt.process_0/d/\w+ has \d+ bytes, \d+ at save"
+            if checksums else r"OUT_OF_RANGE: .*")
   with pytest.raises(checkpoint.CheckpointError,
-                     match=r"no checkpoint in .* restores; tried step 6: OUT_OF_RANGE: .*"
-                           r"; step 3: OUT_OF_RANGE"):
+                     match=(r"no checkpoint in .* restores; tried step 6: " + reason.format(6)
+                            + r"; step 3: " + reason.format(3))):
     train.train_and_evaluate(config, wd, mesh=parallel.make_mesh(2), log_fn=lambda m: None)
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]  # nothing deleted
 
 
-def test_load_encoder_of_a_damaged_step_names_the_step_and_file(finished_run, tmp_path):
+@pytest.mark.parametrize("checksums", [True, False])
+def test_load_encoder_of_a_damaged_step_names_the_step_and_file(finished_run, tmp_path,
+                                                                checksums):
   _, wd0, _, _ = finished_run
   wd = str(tmp_path / "wd")
   shutil.copytree(wd0, wd)
+  if not checksums:
+    _drop_checksums(wd)
   _truncate(os.path.join(wd, "checkpoints", "6"))
+  reason = (r"DATA_LOSS: " + wd + r"/checkpoints/6/state/ocdbt.process_0/d/\w+ has \d+ bytes, "
+            r"\d+ at save" if checksums else
+            r"OUT_OF_RANGE: Error reading \".*\" in OCDBT database at local file \"" + wd
+            + r"/checkpoints/6/state/\".*")
   with pytest.raises(checkpoint.CheckpointError,
-                     match=(r"checkpoint step 6 cannot be restored \(OUT_OF_RANGE: Error reading "
-                            r"\".*\" in OCDBT database at local file \"" + wd
-                            + r"/checkpoints/6/state/\".*\); other steps: \[3\]")):
+                     match=(r"checkpoint step 6 cannot be restored \(" + reason
+                            + r"\); other steps: \[3\]")):
     checkpoint.load_encoder(wd, step=6)
   module, variables = checkpoint.load_encoder(wd, step=3)   # the intact one still loads
   assert "params" in variables
+
+
+def test_a_flipped_bit_that_orbax_restores_wrong_is_found_by_the_checksums(finished_run,
+                                                                          tmp_path):
+  """What the checksums are for. Without them, a bit flipped inside an array's values restores,
+  wrong, without an error. Tried at up to 5 places: a bit on an index node is an error orbax
+  reports itself, and one in bytes nothing reads changes nothing."""
+  _, wd0, _, final = finished_run
+  wd = str(tmp_path / "wd")
+  shutil.copytree(wd0, wd)
+  step_dir = os.path.join(wd, "checkpoints", "6")
+  sums = open(os.path.join(step_dir, checkpoint.CHECKSUMS), "rb").read()
+  _drop_checksums(wd)
+  for where in (0.5, 0.6, 0.7, 0.8, 0.9):
+    _flip_bit(step_dir, where)
+    try:
+      _, _, wrong = checkpoint.load_state(wd)
+      changed = sum(int(np.sum(np.asarray(a) != np.asarray(b))) for a, b in
+                    zip(jax.tree.leaves(wrong), jax.tree.leaves(final)))
+    except checkpoint.CheckpointError:
+      changed = None
+    if changed:
+      break
+    _flip_bit(step_dir, where)                            # undo; try elsewhere
+  else:
+    pytest.fail("no flipped bit restored wrong without checksums")
+  open(os.path.join(step_dir, checkpoint.CHECKSUMS), "wb").write(sums)
+  with pytest.raises(checkpoint.CheckpointError, match=r"step 6 cannot be restored \(DATA_LOSS: "
+                     + wd + r"/checkpoints/6/state/ocdbt.process_0/d/\w+ has changed since it "
+                     r"was saved \(its SHA-256 differs"):
+    checkpoint.load_state(wd)
+
+
+def test_every_step_holds_the_size_and_sha256_of_every_item_file(finished_run):
+  _, wd, _, _ = finished_run
+  directory = os.path.join(wd, "checkpoints")
+  assert sorted(os.listdir(directory)) == ["3", "6"]           # no temporary directory left
+  for step in ("3", "6"):
+    step_dir = os.path.join(directory, step)
+    with open(os.path.join(step_dir, checkpoint.CHECKSUMS)) as f:
+      files = json.load(f)["files"]
+    on_disk = sorted(os.path.relpath(os.path.join(root, name), step_dir)
+                     for item in ("state", "data")
+                     for root, _, names in os.walk(os.path.join(step_dir, item))
+                     for name in names)
+    assert sorted(files) == on_disk and len(on_disk) > 5
+    assert any(f.startswith("state/ocdbt.process_0/d/") for f in files)
+    assert "data/process_0-of-1.json" in files
+    for rel, want in files.items():
+      data = open(os.path.join(step_dir, rel), "rb").read()
+      assert want == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, rel
+    assert checkpoint.verify_checksums(step_dir) is True
+
+
+def test_a_step_without_checksums_restores_as_before_and_says_so(finished_run, tmp_path):
+  config, wd0, full, final = finished_run
+  wd = str(tmp_path / "wd")
+  shutil.copytree(wd0, wd)
+  _drop_checksums(wd)
+  shutil.rmtree(os.path.join(wd, "checkpoints", "6"))
+  messages = []
+  rest = train.train_and_evaluate(config, wd, mesh=parallel.make_mesh(2),
+                                  log_fn=messages.append)
+  assert [m for m in messages if "checksums" in m] == [
+      f"checkpoint step 3 in {wd}/checkpoints has no {checkpoint.CHECKSUMS} (written before "
+      "ssl_us wrote checksums): restored with orbax's checks only"]
+  assert rest["step"] == [4, 5, 6] and rest["loss"] == full["loss"][3:]
+  fixtures.assert_states_equal(checkpoint.load_state(wd)[2], final)
+  assert checkpoint.verify_checksums(os.path.join(wd, "checkpoints", "6"))   # new steps have them
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_each_process_checks_its_share_and_together_they_check_every_file(finished_run,
+                                                                          tmp_path, parts):
+  _, wd0, _, _ = finished_run
+  step_dir = str(tmp_path / "6")
+  shutil.copytree(os.path.join(wd0, "checkpoints", "6"), step_dir)
+  with open(os.path.join(step_dir, checkpoint.CHECKSUMS)) as f:
+    listed = sorted(json.load(f)["files"])
+  for i in (0, len(listed) // 2, len(listed) - 1):
+    path = os.path.join(step_dir, listed[i])
+    original = open(path, "rb").read()
+    open(path, "wb").write(bytes([original[0] ^ 1]) + original[1:])   # same size
+    found = []
+    for part in range(parts):
+      try:
+        checkpoint.verify_checksums(step_dir, part, parts)
+      except checkpoint.CheckpointError as e:
+        assert str(e).startswith(f"DATA_LOSS: {path} has changed since it was saved"), e
+        found.append(part)
+    assert found == [i % parts]                       # exactly the share that holds the file
+    open(path, "wb").write(original)
+  assert all(checkpoint.verify_checksums(step_dir, p, parts) for p in range(parts))
+
+
+@pytest.mark.parametrize("change,reason", [
+    ("added", r"DATA_LOSS: {d}/state/extra was not in the step when it was saved \(1 such"),
+    ("removed", r"NOT_FOUND: {d}/data/process_0-of-1.json is missing \(\d+ bytes at save\)"),
+    ("checksum file", r"DATA_LOSS: {d}/ssl_us_checksums.json is unreadable \(JSONDecodeError"),
+    ("checksum entry", r"DATA_LOSS: {d}/ssl_us_checksums.json is unreadable \(KeyError: 'bytes'"),
+])
+def test_a_changed_step_layout_is_named(finished_run, tmp_path, change, reason):
+  _, wd0, _, _ = finished_run
+  step_dir = str(tmp_path / "3")
+  shutil.copytree(os.path.join(wd0, "checkpoints", "3"), step_dir)
+  if change == "added":
+    open(os.path.join(step_dir, "state", "extra"), "w").write("x")
+  elif change == "removed":
+    os.remove(os.path.join(step_dir, "data", "process_0-of-1.json"))
+  elif change == "checksum file":
+    with open(os.path.join(step_dir, checkpoint.CHECKSUMS), "r+") as f:
+      f.truncate(40)
+  else:
+    path = os.path.join(step_dir, checkpoint.CHECKSUMS)
+    sums = json.load(open(path))
+    del next(iter(sums["files"].values()))["bytes"]
+    json.dump(sums, open(path, "w"))
+  with pytest.raises(checkpoint.CheckpointError, match=reason.format(d=step_dir)):
+    checkpoint.verify_checksums(step_dir)
+
+
+def test_the_command_line_check_names_each_step(finished_run, tmp_path, capsys):
+  _, wd0, _, _ = finished_run
+  wd = str(tmp_path / "wd")
+  shutil.copytree(wd0, wd)
+  assert checkpoint.main([wd]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert re.fullmatch(r"step 3: \d+ files, [\d,]+ bytes, as saved", out[0]), out
+  assert out[2] == f"{wd}/checkpoints: 2 as saved", out
+  _flip_bit(os.path.join(wd, "checkpoints", "6"))
+  os.remove(os.path.join(wd, "checkpoints", "3", checkpoint.CHECKSUMS))
+  assert checkpoint.main([wd]) == 1
+  out = capsys.readouterr().out.splitlines()
+  assert out[0] == (f"step 3: no {checkpoint.CHECKSUMS} (written before ssl_us wrote "
+                    "checksums); unchecked")
+  assert out[1].startswith(f"step 6: DATA_LOSS: {wd}/checkpoints/6/state/"), out
+  assert out[2] == f"{wd}/checkpoints: 1 without checksums, 1 damaged"
+  assert checkpoint.main([str(tmp_path / "empty")]) == 1
+  assert capsys.readouterr().out == f"{tmp_path}/empty/checkpoints: no checkpoints\n"
+
+
+def test_reasons_from_several_processes_name_the_first_failing_one(monkeypatch):
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  others = {}
+
+  def allgather(code):
+    return np.stack([others.get(i, code) for i in range(3)])
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+  assert checkpoint._first_reason(None) is None
+  others[2] = np.zeros_like(np.asarray([0] * (checkpoint._REASON_BYTES + 1), np.uint8))
+  others[2][0], others[2][1:4] = 1, np.frombuffer(b"bad", np.uint8)
+  assert checkpoint._first_reason(None) == "on process 2: bad"
+  assert checkpoint._first_reason("mine") == "on process 0: mine"   # every process's own too
 
 
 # ----------------------------------------------------------------------------------------------
