@@ -348,7 +348,7 @@ class _Proc:
   done: dict = dataclasses.field(default_factory=dict)     # video id -> audit
   exited: bool = False
   closing: bool = False
-  busy_since: float | None = None                          # when its current video began
+  busy_since: float | None = None                # when its current video began ('start')
   timed_out: bool = False
 
 
@@ -360,8 +360,10 @@ def run_in_workers(wcfg: worker_lib.WorkerConfig, jobs, num_workers: int, tracke
   so a worker that dies cannot block the others, and its pipe's end of file says it died after
   every message it sent. ``target(cfg, index, jobs, results)`` is the worker's entry point (a
   picklable module-level function; see ``worker.worker_process``). A worker still on one video
-  after ``video_timeout`` seconds (0: no limit) is killed: that video is rejected ('timeout')
-  and the worker's uncommitted videos are redone by a new one, as after a crash.
+  ``video_timeout`` seconds after its 'start' message for it (0: no limit) is killed: that
+  video is rejected ('timeout') and the worker's uncommitted videos are redone by a new one, as
+  after a crash. The clock starts when the worker begins the video, so a worker's own start-up
+  (spawning, imports; seconds on a loaded host) counts against no video.
   """
   ctx = mp.get_context("spawn")
   pending = collections.deque(jobs)
@@ -385,8 +387,6 @@ def run_in_workers(wcfg: worker_lib.WorkerConfig, jobs, num_workers: int, tracke
       try:
         while pending and len(w.sent) - len(w.done) < 2:
           job = pending.popleft()
-          if len(w.sent) == len(w.done):
-            w.busy_since = time.monotonic()
           w.sent.append(job.entry.video_id)
           w.jobs.send(job)
         if not pending:
@@ -404,6 +404,12 @@ def run_in_workers(wcfg: worker_lib.WorkerConfig, jobs, num_workers: int, tracke
     events = worker_lib.read_journal(path) if os.path.exists(path) else []
     committed, _ = outcomes([("", ev) for ev in events])
     starts = [ev["video_id"] for ev in events if ev["event"] == "start"]
+    if not starts:
+      # It never began a video: its start-up failed (an import, the environment), which a new
+      # worker would repeat forever.
+      raise BuildError(f"worker {index} exited with code {w.proc.exitcode} before it began a "
+                       f"video: its start-up failed. Run with --num_workers 0 to see the error "
+                       f"in this process; the same command resumes")
     culprit = starts[-1] if starts and starts[-1] not in w.done else ""
     for vid in w.sent:
       if vid in committed:
@@ -428,9 +434,11 @@ def run_in_workers(wcfg: worker_lib.WorkerConfig, jobs, num_workers: int, tracke
 
   def handle(index, msg):
     w = procs[index]
-    if msg["msg"] == "done":
+    if msg["msg"] == "start":      # the worker began a video (not: was sent it, or started)
+      w.busy_since = time.monotonic()
+    elif msg["msg"] == "done":
       w.done[msg["audit"]["video_id"]] = msg["audit"]
-      w.busy_since = time.monotonic() if len(w.sent) > len(w.done) else None
+      w.busy_since = None
       tracker.audit(msg["audit"])
     elif msg["msg"] == "exit":
       w.exited = True

@@ -291,10 +291,16 @@ class Worker:
     self._piece_videos: dict[str, list[dict]] = {}
     self._seq = 0
 
+  def begin(self, video_id: str) -> None:
+    """Journals that this worker is on ``video_id`` (its death is then blamed on it) and emits
+    'start': --video_timeout counts from here, not from the process's start-up."""
+    self.journal.append({"event": "start", "video_id": video_id}, sync=False)
+    self.emit({"msg": "start", "worker": self.index, "video_id": video_id})
+
   def run(self, job: Job) -> dict:
     """Process one video into this worker's piece of its split; returns its audit (also
     emitted as a 'done' message)."""
-    self.journal.append({"event": "start", "video_id": job.entry.video_id}, sync=False)
+    self.begin(job.entry.video_id)
     piece = self._piece(job.split)
     piece.mark()
     audit = encode_video(self.cfg, job, piece.write)

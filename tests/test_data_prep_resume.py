@@ -67,25 +67,23 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
   assert not os.path.exists(work)
 
 
-def misbehaving_worker(cfg, index, jobs, results):
-  """worker_lib.worker_process, except that the process dies on the video crash.mp4 and never
-  finishes hang.mp4 (a decoder looping forever on a damaged file)."""
-  w = worker_lib.Worker(cfg, index, results.send)
-  while (job := jobs.recv()) is not None:
-    if job.entry.video_id in ("crash.mp4", "hang.mp4"):
-      w.journal.append({"event": "start", "video_id": job.entry.video_id}, sync=False)
-      if job.entry.video_id == "crash.mp4":
-        os._exit(7)
-      time.sleep(3600)
-    w.run(job)
-  w.close()
-  results.send({"msg": "exit", "worker": index})
+@pytest.fixture
+def deadline():
+  """A run_in_workers that never ends (a worker respawned forever) fails the test after 120 s
+  instead of hanging the suite."""
+  def expire(signum, frame):
+    raise TimeoutError("run_in_workers did not finish in 120 s")
+  previous = signal.signal(signal.SIGALRM, expire)
+  signal.alarm(120)
+  yield
+  signal.alarm(0)
+  signal.signal(signal.SIGALRM, previous)
 
 
-@pytest.mark.parametrize("bad,reason", [("crash", "crash"), ("hang", "timeout")])
-def test_worker_death_rejects_its_video_and_redoes_the_uncommitted(tmp_path, bad, reason):
+def _worker_run(tmp_path, names):
+  """One task's videos ``names`` (<name>.mp4, 4 frames each), ready for run_in_workers:
+  (work dir, jobs, worker config, tracker)."""
   src = str(tmp_path / "in")
-  names = ["a", "b", bad, "c", "d"]
   for i, n in enumerate(names):
     write_video(os.path.join(src, f"{n}.mp4"), 4, seed=i)
   cfg = config_lib.BuildConfig.create(src, tmp_path / "out", size=16, min_size=16)
@@ -97,8 +95,59 @@ def test_worker_death_rejects_its_video_and_redoes_the_uncommitted(tmp_path, bad
       prefix="t00000-a001", image_size=(16, 16), sampling=cfg.sampling, min_size=16,
       region_samples=4, shard_bytes=1 << 30, buffer_bytes=1 << 20)
   tracker = pipeline.Tracker(len(prep.jobs), 0, progress=False, strict=False)
+  return work, prep.jobs, wcfg, tracker
+
+
+def slow_starting_worker(cfg, index, jobs, results):
+  """worker_lib.worker_process after a start-up longer than the --video_timeout of the test
+  below (as spawning and imports take on a loaded host)."""
+  time.sleep(2.5)
+  worker_lib.worker_process(cfg, index, jobs, results)
+
+
+def test_video_timeout_counts_from_the_video_not_the_worker_start_up(tmp_path, deadline):
+  work, jobs, wcfg, tracker = _worker_run(tmp_path, "abc")
+  pipeline.run_in_workers(wcfg, jobs, 1, tracker, target=slow_starting_worker,
+                          video_timeout=1.0)
+  tracker.close()
+  final, _ = pipeline.outcomes(pipeline.read_events(work))
+  assert {v: a["status"] for v, a in final.items()} == {
+      "a.mp4": "written", "b.mp4": "written", "c.mp4": "written"}
+
+
+def broken_worker(cfg, index, jobs, results):
+  """A worker whose start-up fails (a missing module, say) before it begins any video."""
+  os._exit(3)
+
+
+def test_a_worker_that_dies_starting_up_is_an_error_not_a_respawn_loop(tmp_path, deadline):
+  _, jobs, wcfg, tracker = _worker_run(tmp_path, "a")
+  with pytest.raises(pipeline.BuildError, match=r"worker 0 exited with code 3 before it began "
+                     r"a video: its start-up failed. Run with --num_workers 0"):
+    pipeline.run_in_workers(wcfg, jobs, 1, tracker, target=broken_worker)
+  tracker.close()
+
+
+def misbehaving_worker(cfg, index, jobs, results):
+  """worker_lib.worker_process, except that the process dies on the video crash.mp4 and never
+  finishes hang.mp4 (a decoder looping forever on a damaged file)."""
+  w = worker_lib.Worker(cfg, index, results.send)
+  while (job := jobs.recv()) is not None:
+    if job.entry.video_id in ("crash.mp4", "hang.mp4"):
+      w.begin(job.entry.video_id)
+      if job.entry.video_id == "crash.mp4":
+        os._exit(7)
+      time.sleep(3600)
+    w.run(job)
+  w.close()
+  results.send({"msg": "exit", "worker": index})
+
+
+@pytest.mark.parametrize("bad,reason", [("crash", "crash"), ("hang", "timeout")])
+def test_worker_death_rejects_its_video_and_redoes_the_uncommitted(tmp_path, deadline, bad, reason):
+  work, jobs, wcfg, tracker = _worker_run(tmp_path, ["a", "b", bad, "c", "d"])
   t0 = time.monotonic()
-  pipeline.run_in_workers(wcfg, prep.jobs, 2, tracker, target=misbehaving_worker,
+  pipeline.run_in_workers(wcfg, jobs, 2, tracker, target=misbehaving_worker,
                           video_timeout=3.0)
   assert time.monotonic() - t0 < 60
   tracker.close()
