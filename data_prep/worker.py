@@ -287,6 +287,8 @@ class Worker:
     self.emit = emit
     self.name = f"{cfg.prefix}-w{index:03d}"
     self.journal = Journal(os.path.join(cfg.journal_dir, self.name + ".jsonl"))
+    # The record encoder's one-time set-up (tfds's serializer), before any video's clock.
+    _encoder(*cfg.image_size, cfg.frame_encoding)
     self._pieces: dict[str, writer_lib.ShardWriter] = {}
     self._piece_videos: dict[str, list[dict]] = {}
     self._seq = 0
