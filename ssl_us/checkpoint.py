@@ -390,7 +390,7 @@ def encode(module, variables, x, batch_size: int = 256):
 def main(argv=None) -> int:
   """Checks every checkpoint step of a workdir against its checksums; 1 if any differs."""
   import argparse  # pylint: disable=g-import-not-at-top
-  p = argparse.ArgumentParser(description=main.__doc__)
+  p = argparse.ArgumentParser(prog="python -m ssl_us.checkpoint", description=main.__doc__)
   p.add_argument("workdir", help="a pretraining workdir (holding checkpoints/)")
   args = p.parse_args(argv)
   directory = os.path.join(args.workdir, "checkpoints")
