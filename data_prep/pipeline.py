@@ -410,7 +410,7 @@ def run_in_workers(wcfg: worker_lib.WorkerConfig, jobs, num_workers: int, tracke
       raise BuildError(f"worker {index} exited with code {w.proc.exitcode} before it began a "
                        f"video: its start-up failed. Run with --num_workers 0 to see the error "
                        f"in this process; the same command resumes")
-    culprit = starts[-1] if starts and starts[-1] not in w.done else ""
+    culprit = starts[-1] if starts[-1] not in w.done else ""
     for vid in w.sent:
       if vid in committed:
         continue

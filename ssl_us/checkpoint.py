@@ -180,15 +180,15 @@ def make_manager(workdir: str, config, checksums: bool = True) -> ocp.Checkpoint
   """The run's manager; ``checksums=False`` is orbax alone (benchmarks/checkpoint_checksums.py
   compares the two)."""
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  callback = _ChecksumOnFinalize(directory)
+  callback = _ChecksumOnFinalize(directory) if checksums else None
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints, create=True,
-      async_options=ocp.AsyncOptions(post_finalization_callback=callback if checksums else None))
+      async_options=ocp.AsyncOptions(post_finalization_callback=callback))
   manager = ocp.CheckpointManager(
       directory, options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      "data": grain.checkpoint.CheckpointHandler()})
-  manager.ssl_us_checksums = callback if checksums else None
+  manager.ssl_us_checksums = callback
   return manager
 
 
