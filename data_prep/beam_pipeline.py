@@ -137,8 +137,8 @@ def _split_of(entry, by_patient):
   return entry.video_id, entry.split or by_patient[entry.patient_id]
 
 
-def _decide(listing, cfg, salt, split_of):
-  return pipeline.make_jobs(cfg, listing, dict(split_of), salt)
+def _decide(listing, cfg, split_of):
+  return pipeline.make_jobs(cfg, listing, dict(split_of))
 
 
 def _encode(element, wcfg, videos_dir):
@@ -188,7 +188,7 @@ def _write_shard(keyed, plan, attempts_dir):
           "bytes": os.path.getsize(path)}
 
 
-def _finalize(_, cfg, salt, t0, workers, prep, audits, written, plan):
+def _finalize(_, cfg, t0, workers, prep, audits, written, plan):
   """After every shard: rename them into the dataset, then ``pipeline.finish``. A BuildError
   (--strict, nothing written) is left in the work folder for the driver to raise."""
   work = pipeline.WorkDir(os.path.join(cfg.dataset_dir, pipeline.WORK))
@@ -228,7 +228,7 @@ def _finalize(_, cfg, salt, t0, workers, prep, audits, written, plan):
       counts["bytes"] += a.get("bytes", 0)
       counts["input_bytes"] += a.get("input_bytes", 0)
     run = pipeline.run_summary("beam", len(prep.jobs), 0, 0, workers, time.time() - t0, counts)
-    pipeline.finish(cfg, prep, final, plan, run, salt, work)
+    pipeline.finish(cfg, prep, final, plan, run, work)
   except pipeline.BuildError as e:
     writer_lib.write_text_atomic(work.file(FAILURE), str(e))
 
@@ -262,7 +262,7 @@ def build(cfg: config_lib.BuildConfig, work: pipeline.WorkDir, salt: bytes) -> d
              | "PatientTable" >> beam.combiners.ToDict())
     by_patient = table | "AssignSplits" >> beam.Map(_assign, cfg)
     split_of = usable | "SplitOf" >> beam.Map(_split_of, pvalue.AsSingleton(by_patient))
-    prep = listing | "Decide" >> beam.Map(_decide, cfg, salt, pvalue.AsList(split_of))
+    prep = listing | "Decide" >> beam.Map(_decide, cfg, pvalue.AsList(split_of))
     results = (prep
                | "Jobs" >> beam.FlatMap(lambda pr: list(enumerate(pr.jobs)))
                | "Spread" >> beam.Reshuffle()
@@ -280,7 +280,7 @@ def build(cfg: config_lib.BuildConfig, work: pipeline.WorkDir, salt: bytes) -> d
                                           work.file("attempts")))
     audits = results | "Audits" >> beam.Map(lambda r: (r[0], r[2]))
     _ = (p | "AfterAll" >> beam.Create([None])
-         | "Finalize" >> beam.Map(_finalize, cfg, salt, t0, workers, pvalue.AsSingleton(prep),
+         | "Finalize" >> beam.Map(_finalize, cfg, t0, workers, pvalue.AsSingleton(prep),
                                   pvalue.AsList(audits), pvalue.AsList(written),
                                   pvalue.AsSingleton(plan)))
   failure = work.file(FAILURE)

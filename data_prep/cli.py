@@ -101,7 +101,12 @@ def parser() -> argparse.ArgumentParser:
                  "made per build and deleted when it finishes (hashes then differ between "
                  "builds)")
   g.add_argument("--keep_patient_id", action="store_true",
-                 help="store raw patient ids instead of salted hashes")
+                 help="store raw patient ids instead of salted hashes, and leave their text in "
+                 "paths (video_id, source, the report) as it is")
+  g.add_argument("--id_key", default=d.id_key, metavar="CSV",
+                 help="also write, outside --output, a CSV from each video_id as written to "
+                 "the file it was read from and its patient field: the key that re-identifies "
+                 "the dataset, for the site that keeps the data")
   g.add_argument("--keep_uids", action="store_true",
                  help="keep file/folder names shaped like DICOM UIDs (default: replaced by "
                  "'uid-<salted hash>' in video_id, source, metadata and the report)")

@@ -12,7 +12,7 @@ from data_prep import sampling
 from data_prep import splits as splits_lib
 
 # Options that do not change what is written: a resumed run may change them.
-RUN_ONLY = ("num_workers", "strict", "overwrite", "progress", "salt", "previews",
+RUN_ONLY = ("num_workers", "strict", "overwrite", "progress", "salt", "id_key", "previews",
             "random_previews", "buffer_mb", "video_timeout", "runner", "beam_options")
 # Options of earlier versions (the --task_index/--num_tasks/--merge scheme, replaced by
 # --runner beam), still found in the metadata of datasets they made.
@@ -48,6 +48,7 @@ class BuildConfig:
   salt: str = ""
   keep_patient_id: bool = False
   keep_uids: bool = False
+  id_key: str = ""                          # CSV: each video_id as written -> the file read
   num_workers: int = -1                     # -1 = one per CPU core; 0 = in this process
   video_timeout: float = 1800.0             # s per video in a worker process; 0 = no limit
   runner: str = "local"                     # 'local' (worker processes) | 'beam'
@@ -89,6 +90,13 @@ class BuildConfig:
         self.input):
       raise ValueError(f"--output {self.output} is inside --input {self.input}: the output "
                        "would be read as input; pick an output folder outside it")
+    if self.id_key:
+      key = os.path.abspath(self.id_key)
+      if os.path.commonpath([self.output, key]) == self.output:
+        raise ValueError(f"--id_key {self.id_key} is inside --output {self.output}: the key "
+                         "would travel with the dataset; keep it apart")
+      if not os.path.isdir(os.path.dirname(key)):
+        raise ValueError(f"--id_key {self.id_key}: no folder {os.path.dirname(key)}")
     if self.root and not os.path.isdir(self.root):
       raise ValueError(f"--root {self.root}: not a folder")
     if self.frame_labels and not os.path.isfile(self.frame_labels):
@@ -161,6 +169,7 @@ class BuildConfig:
     args["size"] = list(self.size)
     args["drop_columns"] = list(self.drop_columns)
     args["salt"] = "given" if self.salt else "random, not stored"
+    args["id_key"] = "written apart" if self.id_key else ""
     args["label_rule"] = self.resolved_label_rule
     return args
 

@@ -28,9 +28,10 @@ Rules that fill what the manifest leaves empty (and all of it for a folder):
   ``parent``, the folder that holds the file, or ``none`` (the default for a manifest). A file
   directly in the root gets no label.
 
-Privacy: patient ids are hashed (``hash_patient``) unless asked otherwise, and file or folder
-names shaped like DICOM UIDs are replaced by a salted hash (``redact_uids``) in what is written
-(video_id, source, label, exam, side, metadata values, the report) unless ``keep_uids``.
+Privacy (``Redactor``): patient ids are hashed (``hash_patient``) unless asked otherwise, and so
+is their text in what is written (video_id, source, label, exam, side, metadata values, the
+report: a folder or file named after a record number); file or folder names shaped like DICOM
+UIDs are replaced by a salted hash (``redact_uids``) unless ``keep_uids``.
 
 Frame labels (a CSV with ``video_id, frame_index, anatomy_coarse, anatomy_fine``; an empty cell
 is no label) give per-frame anatomy classes; their ids index the sorted name vocabularies.
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import hmac
 import os
@@ -77,6 +79,7 @@ class Entry:
   split: str = ""           # from the manifest; assigned later when empty
   metadata: tuple[tuple[str, str], ...] = ()  # kept manifest columns, in column order
   where: str = ""           # for messages: 'manifest.csv line 7' or the relative path
+  patient_given: bool = True  # False: no patient id was found, the video is its own patient
   reject: str = ""          # audit reason code when the entry cannot be used at all
   reject_message: str = ""
 
@@ -132,24 +135,92 @@ def redact_uids(text: str, salt: bytes) -> str:
   return _UID.sub(sub, text)
 
 
-def redact_entry(entry: Entry, salt: bytes) -> Entry:
-  """The entry with UIDs redacted from every field that reaches the records."""
-  r = lambda text: redact_uids(text, salt)  # pylint: disable=unnecessary-lambda-assignment
-  return dataclasses.replace(
-      entry, video_id=r(entry.video_id), source=r(entry.source), patient_id=r(entry.patient_id),
-      label=r(entry.label), exam=r(entry.exam), side=r(entry.side),
-      metadata=tuple((k, r(v)) for k, v in entry.metadata))
+PATIENT_TOKEN = re.compile(r"(?:patient|uid)-[0-9a-f]{16}")  # what the Redactor writes
+LONG_ID = 5  # patient ids of this many characters or more are replaced wherever they occur
 
 
-def redact_tree(obj, salt: bytes):
-  """Every string in a JSON-like tree (dict keys included) through ``redact_uids``."""
-  if isinstance(obj, str):
-    return redact_uids(obj, salt)
-  if isinstance(obj, dict):
-    return {redact_tree(k, salt): redact_tree(v, salt) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [redact_tree(v, salt) for v in obj]
-  return obj
+@dataclasses.dataclass(frozen=True)
+class Redactor:
+  """De-identifies every string data_prep writes (records, report, preview names).
+
+  - Patient ids of the input become 'patient-<hash>', the hash the records' ``patient`` field
+    holds: an id of ``LONG_ID`` or more characters wherever it occurs (e.g. a record number in
+    a folder and a file name); a shorter one (a study number such as COVID-BLUES's 1-63, which
+    would also match version numbers and zones) where the patient regex finds it.
+  - DICOM-UID-shaped parts become 'uid-<hash>' (``redact_uids``).
+
+  Tokens already written are left alone, so a string can go through twice.
+  """
+  salt: bytes
+  patient_ids: frozenset = frozenset()   # raw ids, as read (before UID redaction)
+  regex: re.Pattern | None = None        # --patient_regex
+  uids: bool = True
+  patients: bool = True                  # False: --keep_patient_id
+
+  @classmethod
+  def of_entries(cls, entries: Iterable[Entry], salt: bytes, regex: re.Pattern | None,
+                 patients: bool, uids: bool) -> Redactor:
+    """For these entries: their given patient ids if ``patients``, UIDs if ``uids``."""
+    ids = frozenset(e.patient_id for e in entries if e.patient_given and e.patient_id)
+    return cls(salt=salt, patient_ids=ids if patients else frozenset(), regex=regex, uids=uids,
+               patients=patients)
+
+  def patient(self, patient_id: str) -> str:
+    """A patient id as the records' ``patient`` field holds it: its salted hash (of the id
+    without UIDs), or with ``patients`` off the id itself."""
+    patient_id = redact_uids(patient_id, self.salt) if self.uids else patient_id
+    return hash_patient(patient_id, self.salt) if self.patients else patient_id
+
+  def text(self, text: str) -> str:
+    if self.patient_ids:
+      spans = self._patient_spans(text)
+      for start, end in reversed(spans):
+        text = f"{text[:start]}patient-{self.patient(text[start:end])}{text[end:]}"
+    return redact_uids(text, self.salt) if self.uids else text
+
+  def entry(self, entry: Entry) -> Entry:
+    """The entry with every field that reaches the records de-identified; its patient id only
+    loses UIDs (it is hashed on its way out), its path stays as it is (it is read), and the
+    report, which holds the rest, goes through ``tree``."""
+    uid_only = redact_uids(entry.patient_id, self.salt) if self.uids else entry.patient_id
+    return dataclasses.replace(
+        entry, video_id=self.text(entry.video_id), source=self.text(entry.source),
+        patient_id=uid_only, label=self.text(entry.label), exam=self.text(entry.exam),
+        side=self.text(entry.side), metadata=tuple((k, self.text(v)) for k, v in entry.metadata))
+
+  def tree(self, obj):
+    """Every string in a JSON-like tree (dict keys included) through ``text``."""
+    if isinstance(obj, str):
+      return self.text(obj)
+    if isinstance(obj, dict):
+      return {self.tree(k): self.tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+      return [self.tree(v) for v in obj]
+    return obj
+
+  @functools.cached_property
+  def _long_lengths(self) -> list[int]:
+    return sorted({len(p) for p in self.patient_ids if len(p) >= LONG_ID}, reverse=True)
+
+  def _patient_spans(self, text: str) -> list[tuple[int, int]]:
+    """Non-overlapping (start, end) of the patient ids in ``text``, in order."""
+    taken = [m.span() for m in PATIENT_TOKEN.finditer(text)]
+    found = []
+    if self.regex is not None:
+      group = "patient" if "patient" in self.regex.groupindex else 1
+      found += [m.span(group) for m in self.regex.finditer(text)
+                if m.group(group) in self.patient_ids]
+    for i in range(len(text)):
+      for n in self._long_lengths:
+        if text[i:i + n] in self.patient_ids:
+          found.append((i, i + n))
+          break
+    spans, end = [], 0
+    for s in sorted(found, key=lambda s: (s[0], -s[1])):  # leftmost, then longest
+      if s[0] >= end and not any(t[0] < s[1] and s[0] < t[1] for t in taken):
+        spans.append(s)
+        end = s[1]
+    return spans
 
 
 def label_from_folder(source: str, rule: str) -> str:
@@ -356,7 +427,8 @@ def finalize_entries(inputs: Inputs) -> None:
     inputs.warnings.append(
         f"{no_patient} videos have no patient id (no patient column or --patient_regex): each is "
         "its own patient, so splits are by video")
-  inputs.entries = [e if e.patient_id else dataclasses.replace(e, patient_id=e.video_id)
+  inputs.entries = [e if e.patient_id else
+                    dataclasses.replace(e, patient_id=e.video_id, patient_given=False)
                     for e in inputs.entries]
   seen: dict[str, str] = {}
   for e in inputs.entries:

@@ -20,8 +20,10 @@ for builds beyond one machine; it calls the same per-video function, writer and 
 from __future__ import annotations
 
 import collections
+import csv
 import dataclasses
 import hashlib
+import io
 import json
 import multiprocessing as mp
 from multiprocessing import connection as mp_connection
@@ -57,6 +59,7 @@ class BuildError(RuntimeError):
 class Prepared:
   """The input, read and decided: one job per usable video, in input order."""
   inputs: manifest.Inputs
+  redactor: manifest.Redactor
   jobs: list[worker_lib.Job]
   label_names: tuple[str, ...]
   coarse_names: tuple[str, ...]
@@ -125,8 +128,9 @@ def preview_positions(num: int, first: int, random: int, seed: int) -> set[int]:
 
 @dataclasses.dataclass
 class Listing:
-  """The input as read: entries (UIDs redacted unless --keep_uids) and their frame labels."""
+  """The input as read: entries (de-identified by ``redactor``) and their frame labels."""
   inputs: manifest.Inputs
+  redactor: manifest.Redactor
   labels_of: list                               # per entry: frame-label arrays or None
   coarse_names: tuple[str, ...]
   fine_names: tuple[str, ...]
@@ -140,15 +144,17 @@ def list_inputs(cfg: config_lib.BuildConfig, salt: bytes) -> Listing:
     manifest.check_frame_labels(frame_labels, inputs.entries)
   labels_of = [frame_labels.of_video(e.video_id) if frame_labels else None
                for e in inputs.entries]  # by the ids the frame-label CSV uses
-  if not cfg.keep_uids:
-    inputs.entries = [manifest.redact_entry(e, salt) for e in inputs.entries]
-  return Listing(inputs=inputs, labels_of=labels_of,
+  redactor = manifest.Redactor.of_entries(
+      inputs.entries, salt, manifest.compile_patient_regex(cfg.patient_regex),
+      patients=not cfg.keep_patient_id, uids=not cfg.keep_uids)
+  inputs.entries = [redactor.entry(e) for e in inputs.entries]
+  return Listing(inputs=inputs, redactor=redactor, labels_of=labels_of,
                  coarse_names=frame_labels.coarse_names if frame_labels else (),
                  fine_names=frame_labels.fine_names if frame_labels else ())
 
 
-def make_jobs(cfg: config_lib.BuildConfig, listing: Listing, split_of: dict[str, str],
-              salt: bytes) -> Prepared:
+def make_jobs(cfg: config_lib.BuildConfig, listing: Listing,
+              split_of: dict[str, str]) -> Prepared:
   """One job per usable entry, given each one's split (``decide_splits``): label ids, patient
   field and previews decided."""
   inputs = listing.inputs
@@ -162,14 +168,14 @@ def make_jobs(cfg: config_lib.BuildConfig, listing: Listing, split_of: dict[str,
   for pos, (e, fl) in enumerate(usable):
     jobs.append(worker_lib.Job(
         entry=e, split=split_of[e.video_id],
-        patient=e.patient_id if cfg.keep_patient_id else manifest.hash_patient(e.patient_id, salt),
+        patient=listing.redactor.patient(e.patient_id),
         label_id=label_id.get(e.label, -1), frame_labels=fl,
         preview=worker_lib.preview_name(pos, e.video_id) if pos in previews else ""))
   h = hashlib.sha256()
   for e in inputs.entries:
     h.update(json.dumps([e.video_id, e.path, e.reject, split_of.get(e.video_id, ""),
                          e.label]).encode())
-  return Prepared(inputs=inputs, jobs=jobs, label_names=label_names,
+  return Prepared(inputs=inputs, redactor=listing.redactor, jobs=jobs, label_names=label_names,
                   coarse_names=listing.coarse_names, fine_names=listing.fine_names,
                   digest=h.hexdigest())
 
@@ -177,7 +183,7 @@ def make_jobs(cfg: config_lib.BuildConfig, listing: Listing, split_of: dict[str,
 def prepare(cfg: config_lib.BuildConfig, salt: bytes) -> Prepared:
   """Read the input and decide each video's split, patient field, label id and frame labels."""
   listing = list_inputs(cfg, salt)
-  return make_jobs(cfg, listing, decide_splits(cfg, listing.inputs.entries), salt)
+  return make_jobs(cfg, listing, decide_splits(cfg, listing.inputs.entries))
 
 
 # -------------------------------------------------------------------------------- work dir
@@ -594,8 +600,7 @@ def execute_merge_plan(plan: dict, work: WorkDir, dataset_dir: str) -> None:
           os.remove(src)
 
 
-def merge(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir, salt: bytes,
-          run: dict) -> dict:
+def merge(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir, run: dict) -> dict:
   """Check that every input is accounted for, turn the pieces into shards, finish."""
   final, pieces = outcomes(read_events(work))
   wanted = {j.entry.video_id for j in prep.jobs}
@@ -613,16 +618,26 @@ def merge(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir, salt: byte
     plan = make_merge_plan(cfg, pieces)
     writer_lib.write_json_atomic(plan_path, plan)
   execute_merge_plan(plan, work, cfg.dataset_dir)
-  return finish(cfg, prep, final, plan, run, salt, work)
+  return finish(cfg, prep, final, plan, run, work)
+
+
+def write_id_key(cfg: config_lib.BuildConfig, prep: Prepared) -> None:
+  """--id_key: every input's video_id and patient as written, and the file it was read from."""
+  out = io.StringIO()
+  w = csv.writer(out, lineterminator="\n")
+  w.writerow(["video_id", "patient", "path"])
+  for e in prep.inputs.entries:
+    w.writerow([e.video_id, prep.redactor.patient(e.patient_id), e.path])
+  writer_lib.write_text_atomic(os.path.abspath(cfg.id_key), out.getvalue())
 
 
 def finish(cfg: config_lib.BuildConfig, prep: Prepared, final: dict, plan: dict, run: dict,
-           salt: bytes, work: WorkDir) -> dict:
+           work: WorkDir) -> dict:
   """With every shard of ``plan`` in place: the report, the metadata, dataset_info.json last;
   then delete the work folder. The same for every runner."""
-  report = report_lib.make_report(cfg, prep, final, plan, [run])
-  if not cfg.keep_uids:
-    report = manifest.redact_tree(report, salt)
+  if cfg.id_key:
+    write_id_key(cfg, prep)
+  report = prep.redactor.tree(report_lib.make_report(cfg, prep, final, plan, [run]))
   report_dir = os.path.join(cfg.dataset_dir, REPORT)
   os.makedirs(report_dir, exist_ok=True)
   writer_lib.write_json_atomic(os.path.join(report_dir, "report.json"), report)
@@ -699,4 +714,4 @@ def build(input, output, **options) -> dict:  # pylint: disable=redefined-builti
     return beam_pipeline.build(cfg, work, salt)
   prep = prepare(cfg, salt)
   start_work(cfg, work, salt, prep.digest, "local")
-  return merge(cfg, prep, work, salt, run_local(cfg, prep, work))
+  return merge(cfg, prep, work, run_local(cfg, prep, work))

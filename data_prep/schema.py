@@ -14,11 +14,11 @@ frame of the record (T=1 in frame modes, T=clip_len in clip mode).
 | anatomy_fine      | int64[T]     | per-frame fine anatomy class id, -1 = no label                  |
 | label             | int64        | video-level class id, -1 = no label                             |
 | label_name        | bytes        | video-level class name, b"" = no label                          |
-| video_id          | bytes        | unique id of the source video                                   |
+| video_id          | bytes        | unique id of the source video (patient ids in it hashed)        |
 | patient           | bytes        | salted hash of patient_id (or the raw id with --keep_patient_id)|
 | exam              | bytes        | exam time point (e.g. T1), b"" if unknown                       |
 | side              | bytes        | body side (e.g. left), b"" if unknown                           |
-| source            | bytes        | source file path relative to the input root                     |
+| source            | bytes        | source file path relative to the input root (ids hashed)        |
 | fps               | float        | frame rate of the source video (0 for stills)                   |
 | video_num_frames  | int64        | number of decodable frames in the source video                  |
 | padded            | int64        | clip mode: frames of this clip that were looped/padded, else 0 |

@@ -4,6 +4,7 @@ Shards are read back with tf.data (TFRecordDataset + parse_single_example: CRCs 
 with tfds.builder_from_directory, and compared with what the inputs and options imply.
 """
 import collections
+import csv
 import glob
 import json
 import os
@@ -15,6 +16,7 @@ import pytest
 
 import data_prep
 from data_prep import cli
+from data_prep import manifest
 from data_prep import pipeline
 from data_prep import readers
 from data_prep import region as region_lib
@@ -50,6 +52,12 @@ def make_folder(root, frames=(9, 11, 7, 12, 10, 8)):
     write_video(os.path.join(root, rel), n, seed=i)
     videos[rel] = n
   return videos
+
+
+def as_written(rel, salt=b"s"):
+  """A relative path as data_prep writes it with REGEX and --salt s: the patient id -> its hash."""
+  return re.sub(r"(?<=patient_)(\d+)(?=_)",
+                lambda m: "patient-" + manifest.hash_patient(m.group(1), salt), rel)
 
 
 def parse_spec():
@@ -110,7 +118,7 @@ def test_folder_build_reads_back_with_tf_data_and_tfds(tmp_path):
   with open(os.path.join(src, "README.txt"), "w") as f:
     f.write("notes")
   argv = ["--input", src, "--output", out, "--every", "3", "--size", "32",
-          "--patient_regex", REGEX, "--splits", "train=0.34,val=0.33,test=0.33",
+          "--patient_regex", REGEX, "--salt", "s", "--splits", "train=0.34,val=0.33,test=0.33",
           "--num_workers", "0", "--no_progress", "--previews", "1", "--random_previews", "1"]
   assert cli.main(argv) == cli.EXIT_REJECTS  # finished, with two rejects
   ddir = os.path.join(out, "ultrasound", "1.0.0")
@@ -120,8 +128,10 @@ def test_folder_build_reads_back_with_tf_data_and_tfds(tmp_path):
       "frames": 0, "bytes": 0}
   assert report["rejected_by_reason"] == {"too_small": 1, "unreadable": 1}
   assert report["ignored"] == [{"source": "README.txt", "reason": "unsupported file type"}]
-  assert {f["source"] for f in report["files"]} == set(videos) | {
-      "covid/patient_0_L2.mp4", "negative/patient_1_R2.mp4"}
+  # the patient ids REGEX finds in the paths are hashed, as in the records' patient field
+  written = {as_written(v): v for v in videos}
+  assert {f["source"] for f in report["files"]} == set(written) | {
+      as_written("covid/patient_0_L2.mp4"), as_written("negative/patient_1_R2.mp4")}
   assert len(report["previews"]) == 2 and all(
       os.path.exists(os.path.join(ddir, "report", "previews", p)) for p in report["previews"])
   assert "rejected: 2 (too_small: 1, unreadable: 1)" in open(
@@ -137,10 +147,10 @@ def test_folder_build_reads_back_with_tf_data_and_tfds(tmp_path):
   by_video = collections.defaultdict(list)
   for _, split, r in records:
     by_video[r["video_id"]].append((split, r))
-  assert set(by_video) == set(videos)
+  assert set(by_video) == set(written)
   split_of_patient = {}
   for vid, recs in by_video.items():
-    n = videos[vid]
+    n = videos[written[vid]]
     assert [int(r["frame_indices"][0]) for _, r in recs] == list(range(0, n, 3))
     for split, r in recs:
       assert r["frames"][0].shape == (32, 32, 1) and r["padded"] == 0
@@ -148,13 +158,14 @@ def test_folder_build_reads_back_with_tf_data_and_tfds(tmp_path):
       assert r["video_num_frames"] == n and r["fps"] == 10.0 and r["source"] == vid
       assert np.allclose(r["timestamps"], r["frame_indices"] / 10.0)
       assert r["side"] == vid.split("_")[2][0] and r["exam"] == "" and r["metadata"] == "{}"
-      assert len(r["patient"]) == 16 and r["patient"] != vid.split("_")[1]
+      assert vid.split("_")[1] == "patient-" + r["patient"]
+      assert r["patient"] == manifest.hash_patient(written[vid].split("_")[1], b"s")
       assert split_of_patient.setdefault(r["patient"], split) == split  # patient-disjoint
   assert len(split_of_patient) == 3 and len(set(split_of_patient.values())) == 3
 
   # the pixels are region.apply_region of the decoded source frames
-  vid = "covid/patient_0_L1.mp4"
-  frames = dict(readers.iter_frames(os.path.join(src, vid)))
+  vid = as_written("covid/patient_0_L1.mp4")
+  frames = dict(readers.iter_frames(os.path.join(src, written[vid])))
   sample = np.stack([frames[i] for i in worker_lib.sample_indices(len(frames), 16)])
   reg = region_lib.find_region(sample)
   for _, r in by_video[vid]:
@@ -242,6 +253,59 @@ def test_manifest_clips_privacy_frame_labels_and_strict(tmp_path):
                    "--num_workers", "0", "--no_progress", "--min_size", "16"])
   assert code == cli.EXIT_FAILED
   assert not os.path.exists(os.path.join(out2, "ultrasound", "1.0.0", "dataset_info.json"))
+
+
+MRNS = ("MRN4471902", "MRN5500321", "MRN7781234")
+
+
+@pytest.mark.parametrize("kind", ["folder", "manifest"])
+def test_patient_ids_in_paths_never_reach_the_output(tmp_path, kind):
+  """Record numbers as folder and file names (found by the regex, or given in the manifest)
+  are hashed in every file of the dataset, and the hash is the records' patient field."""
+  src, out = tmp_path / "in", str(tmp_path / "out")
+  rels = [f"{label}/{mrn}/{mrn}_lung {k}.mp4" for k, (label, mrn) in enumerate(
+      [("covid", MRNS[0]), ("negative", MRNS[0]), ("covid", MRNS[1]), ("negative", MRNS[2])])]
+  for k, rel in enumerate(rels):
+    write_video(str(src / rel), 4, seed=k)
+  (src / "covid" / MRNS[1] / f"{MRNS[1]}_broken.mp4").write_bytes(b"\x00" * 100)  # rejected
+  opts = dict(size=16, min_size=16, num_workers=0, progress=False, salt="s", previews=4)
+  key = str(tmp_path / "key.csv")
+  with pytest.raises(ValueError, match="--id_key .* is inside --output"):
+    pipeline.build(str(src), out, id_key=os.path.join(out, "key.csv"), **opts)
+  if kind == "folder":
+    report = pipeline.build(str(src), out, patient_regex=r"/(MRN\d+)/", id_key=key, **opts)
+  else:
+    rows = [f"{r},{r.split('/')[1]},follow-up of {r.split('/')[1]}" for r in rels]
+    (src / "m.csv").write_text("path,patient_id,note\n" + "\n".join(rows) + "\n")
+    report = pipeline.build(str(src / "m.csv"), out, label_rule="top", id_key=key, **opts)
+  ddir = os.path.join(out, "ultrasound", "1.0.0")
+  assert report["counts"]["written"] == 4
+  token = {m: "patient-" + manifest.hash_patient(m, b"s") for m in MRNS}
+  for _, _, r in read_records(ddir):
+    mrn = next(m for m in MRNS if token[m] in r["source"])
+    assert r["source"] == r["video_id"] and r["patient"] == token[mrn][len("patient-"):]
+    assert r["source"].replace(token[mrn], mrn) in rels
+    if kind == "manifest":
+      assert json.loads(r["metadata"]) == {"note": f"follow-up of {token[mrn]}"}
+  # the key, kept apart, leads from every video_id and patient written back to its file
+  with open(key, newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert {f["video_id"] for f in report["files"]} == {r["video_id"] for r in rows}
+  for r in rows:
+    mrn = os.path.basename(os.path.dirname(r["path"]))
+    assert r["path"] == str(src / r["video_id"].replace(token[mrn], mrn))
+    assert r["patient"] == token[mrn][len("patient-"):]
+  names = [p for p in glob.glob(os.path.join(ddir, "**", "*"), recursive=True)]
+  assert len([p for p in names if p.endswith(".png")]) == 4  # previews, named by video
+  for path in names:
+    data = open(path, "rb").read() if os.path.isfile(path) else b""
+    for mrn in MRNS:
+      assert mrn not in path and mrn[3:].encode() not in data, (path, mrn)
+  # asked to keep the ids, the paths are as they were
+  kept = pipeline.build(str(src), str(tmp_path / "kept"), patient_regex=r"/(MRN\d+)/",
+                        keep_patient_id=True, **opts)
+  assert {f["source"] for f in kept["files"]} == set(rels) | {
+      f"covid/{MRNS[1]}/{MRNS[1]}_broken.mp4"}
 
 
 def test_dicom_uid_names_never_reach_the_output(tmp_path):

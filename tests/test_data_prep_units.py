@@ -308,11 +308,57 @@ def test_uid_shaped_names_are_replaced_by_a_salted_hash():
     assert manifest.redact_uids(kept, b"k") == kept
   e = manifest.Entry(path=f"/d/{uid}.dcm", source=f"{uid}.dcm", video_id=f"{uid}.dcm",
                      patient_id="p", metadata=(("series", uid), ("n", "3")))
-  r = manifest.redact_entry(e, b"k")
+  redactor = manifest.Redactor.of_entries([e], b"k", None, patients=False, uids=True)
+  r = redactor.entry(e)
   assert (r.source, r.video_id, r.metadata, r.path, r.patient_id) == (
       f"uid-{h}.dcm", f"uid-{h}.dcm", (("series", f"uid-{h}"), ("n", "3")), e.path, "p")
-  assert manifest.redact_tree({uid: [uid, 3, {"x": uid}]}, b"k") == {
+  assert redactor.tree({uid: [uid, 3, {"x": uid}]}) == {
       f"uid-{h}": [f"uid-{h}", 3, {"x": f"uid-{h}"}]}
+  kept = manifest.Redactor.of_entries([e], b"k", None, patients=False, uids=False)
+  assert kept.entry(e) == e
+
+
+def _entry(source, patient_id, **kw):
+  return manifest.Entry(path="/in/" + source, source=source, video_id=source,
+                        patient_id=patient_id, **kw)
+
+
+@pytest.mark.parametrize("source, patient_id, regex, want", [
+    # a long id (>= 5 characters) wherever it occurs, with or without a regex
+    ("covid/MRN4471902/MRN4471902_lung 1.mp4", "MRN4471902", None,
+     "covid/{t}/{t}_lung 1.mp4"),
+    ("site/4471902/scan_4471902.mp4", "4471902", r"^site/(\d+)/", "site/{t}/scan_{t}.mp4"),
+    ("a/x4471902y.mp4", "4471902", None, "a/x{t}y.mp4"),
+    # a short id only where the regex finds it: not in the zone L1, nor in a version
+    ("covid/patient_1_L1.mp4", "1", r"patient_(?P<patient>\d+)_", "covid/patient_{t}_L1.mp4"),
+    ("v1.0.1/patient_1_L1.mp4", "1", r"patient_(\d+)_", "v1.0.1/patient_{t}_L1.mp4"),
+    ("covid/patient_1_L1.mp4", "1", None, "covid/patient_1_L1.mp4"),
+    ("P12/P12_b.mp4", "12", r"P(\d+)", "P{t}/P{t}_b.mp4"),
+])
+def test_patient_ids_leave_what_is_written(source, patient_id, regex, want):
+  rx = manifest.compile_patient_regex(regex) if regex else None
+  e = _entry(source, patient_id, metadata=(("note", source),))
+  redactor = manifest.Redactor.of_entries([e], b"k", rx, patients=True, uids=True)
+  token = "patient-" + manifest.hash_patient(patient_id, b"k")
+  assert redactor.patient(patient_id) == token[len("patient-"):]
+  r = redactor.entry(e)
+  assert r.video_id == r.source == r.metadata[0][1] == want.format(t=token)
+  assert (r.path, r.patient_id) == (e.path, patient_id)
+  assert redactor.text(r.source) == r.source  # what was written goes through unchanged
+  assert redactor.tree({"files": [{"source": source}]}) == {"files": [{"source": r.source}]}
+
+
+def test_patient_id_redaction_prefers_the_longest_id_and_skips_own_patients():
+  entries = [_entry("a/1234567/x.mp4", "1234567"), _entry("a/12345678/x.mp4", "12345678"),
+             _entry("b/123456789.mp4", "b/123456789.mp4", patient_given=False)]
+  redactor = manifest.Redactor.of_entries(entries, b"k", None, patients=True, uids=True)
+  t = lambda p: "patient-" + manifest.hash_patient(p, b"k")  # noqa: E731
+  assert redactor.patient_ids == {"1234567", "12345678"}
+  assert [redactor.text(e.source) for e in entries] == [
+      f"a/{t('1234567')}/x.mp4", f"a/{t('12345678')}/x.mp4", f"b/{t('12345678')}9.mp4"]
+  off = manifest.Redactor.of_entries(entries, b"k", None, patients=False, uids=True)
+  assert [off.text(e.source) for e in entries] == [e.source for e in entries]
+  assert (redactor.patient("1234567"), off.patient("1234567")) == (t("1234567")[8:], "1234567")
 
 
 # ------------------------------------------------------------------------------------ writer
