@@ -14,7 +14,8 @@ Timed: the grain pipeline exactly as training builds it (``make_dataset`` with F
 plan, record reads at their offsets, protobuf parse, frame decode (PNG, or a copy for
 ``--frame_encoding raw`` shards), batching, optionally
 ``mp_prefetch`` worker processes), after ``warmup`` batches, for ``batches`` batches. Frames per
-second = batch * batches / seconds. A training step consumes ``batch`` frames (two views are
+second = batch * batches / seconds. Also timed: one ``RecordReader.read`` in this process, with
+and without its CRC check, alternated. A training step consumes ``batch`` frames (two views are
 made on device), so the pipeline keeps up while its frames/s exceeds the step's views/s / 2.
 """
 from __future__ import annotations
@@ -70,6 +71,25 @@ def frames_per_second(index, batch: int, num_workers: int, batches: int, warmup:
   return batch * batches / (time.perf_counter() - t0)
 
 
+def read_us_per_record(index, check_crc: bool = True, repeats: int = 3) -> float:
+  """Microseconds per ``RecordReader.read`` (pread, CRC check, parse, decode), every record in
+  order in this process, best of ``repeats``; ``check_crc=False`` times it without the check."""
+  reader = input_pipeline.RecordReader(index)
+  saved = input_pipeline._check_crc  # pylint: disable=protected-access
+  if not check_crc:
+    input_pipeline._check_crc = lambda *a: None  # pylint: disable=protected-access
+  try:
+    best = float("inf")
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      for i in range(index.num_records):
+        reader.read(i)
+      best = min(best, time.perf_counter() - t0)
+  finally:
+    input_pipeline._check_crc = saved  # pylint: disable=protected-access
+  return 1e6 * best / index.num_records
+
+
 def run(size: int = 64, batch: int = 64, num_workers=(0, 2), batches: int = 40,
         warmup: int = 3, workdir: str | None = None, frame_encoding: str = "png") -> dict:
   workdir = workdir or os.path.join(tempfile.gettempdir(), "ssl_us_bench_input")
@@ -83,6 +103,9 @@ def run(size: int = 64, batch: int = 64, num_workers=(0, 2), batches: int = 40,
          "prepare_s": round(build_s, 1), "load": [round(os.getloadavg()[0], 1)]}
   for w in num_workers:
     out[f"frames_s_workers{w}"] = round(frames_per_second(index, batch, w, batches, warmup), 1)
+  for check in (True, False, True, False):  # alternated: the CRC check's share of a read
+    key = "read_us_per_record" + ("" if check else "_without_crc")
+    out[key] = round(min(out.get(key, float("inf")), read_us_per_record(index, check)), 1)
   out["load"].append(round(os.getloadavg()[0], 1))
   return out
 

@@ -17,6 +17,11 @@ the model through orbax (grain.checkpoint). Records are read at their byte offse
 can shuffle globally across shards; the index is built once by scanning the shards and cached
 next to them (or kept in memory when the dataset directory is read-only).
 
+Every record's bytes are checked against the CRC-32C that data_prep framed it with, when the
+index is built and at every read, and each shard's record count against dataset_info.json: a
+shard damaged after it was written (a flipped bit on a disk or in a copy) is a DatasetError naming
+the file and byte, never a record trained on as it reads.
+
 Batches are dicts of numpy arrays; images stay uint8 (augmentation runs on device).
 """
 from __future__ import annotations
@@ -41,6 +46,7 @@ from PIL import Image
 from data_prep import schema
 
 _HEADER = 12  # uint64 length + uint32 masked crc of the length
+_FOOTER = 4   # uint32 masked crc of the data
 _SHARD_RE = re.compile(r"-(?P<split>[^-/]+)\.tfrecord-(?P<i>\d{5})-of-(?P<n>\d{5})$")
 
 
@@ -102,7 +108,8 @@ def shard_files(dataset_dir: str, split: str) -> list[str]:
 
 
 def _scan_offsets(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """Record offsets and lengths of one TFRecord file, reading only the headers."""
+  """Record offsets and lengths of one TFRecord file, reading only the headers (each one's
+  length checked against its CRC)."""
   offsets, lengths = [], []
   size = os.path.getsize(path)
   with open(path, "rb") as f:
@@ -111,8 +118,9 @@ def _scan_offsets(path: str) -> tuple[np.ndarray, np.ndarray]:
       head = f.read(_HEADER)
       if len(head) != _HEADER:
         raise DatasetError(f"{path}: truncated record header at byte {pos}")
+      _check_crc(head[:8], head[8:], f"{path}: the record header at byte {pos}")
       (n,) = struct.unpack("<Q", head[:8])
-      end = pos + _HEADER + n + 4
+      end = pos + _HEADER + n + _FOOTER
       if end > size:
         raise DatasetError(f"{path}: truncated record at byte {pos} (needs {end}, file {size})")
       offsets.append(pos + _HEADER)
@@ -120,6 +128,29 @@ def _scan_offsets(path: str) -> tuple[np.ndarray, np.ndarray]:
       f.seek(end)
       pos = end
   return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
+
+
+def _check_crc(data: bytes, crc: bytes, what: str) -> None:
+  """DatasetError unless ``crc`` is TFRecord's masked CRC-32C of ``data``."""
+  if len(crc) != _FOOTER or struct.unpack("<I", crc)[0] != _masked_crc()(data):
+    raise DatasetError(f"{what} does not match its CRC: the shard was damaged after data_prep "
+                       "wrote it (disk, copy); copy it again or rebuild the dataset")
+
+
+@functools.cache
+def _masked_crc():
+  from data_prep import writer  # pylint: disable=g-import-not-at-top  # google_crc32c, when read
+  return writer.masked_crc
+
+
+def _shard_lengths(dataset_dir: str, split: str) -> list[int] | None:
+  """The split's records per shard as dataset_info.json records them (None if it does not)."""
+  with open(os.path.join(dataset_dir, "dataset_info.json"), encoding="utf-8") as f:
+    info = json.load(f)
+  for s in info.get("splits", []):
+    if s.get("name") == split and "shardLengths" in s:
+      return [int(n) for n in s["shardLengths"]]
+  return None
 
 
 @functools.cache
@@ -250,12 +281,18 @@ def load_index(dataset_dir: str, split: str, *, cache: bool = True) -> RecordInd
   cols = {k: [] for k in _INDEX_ARRAYS}
   videos: dict[str, int] = {}
   patients: dict[str, int] = {}
+  want = _shard_lengths(dataset_dir, split)
   for fid, path in enumerate(files):
     offsets, lengths = _scan_offsets(path)
+    if want is not None and len(offsets) != want[fid]:
+      raise DatasetError(f"{path}: {len(offsets)} records, dataset_info.json says {want[fid]}: "
+                         "the shard is incomplete or was changed after data_prep wrote it")
     with open(path, "rb") as f:
       for off, n in zip(offsets, lengths):
         f.seek(off)
-        rec = parse_example(f.read(n), decode=False, where=f"{path}@{off}")
+        data = f.read(n)
+        _check_crc(data, f.read(_FOOTER), f"{path}: the record at byte {off}")
+        rec = parse_example(data, decode=False, where=f"{path}@{off}")
         cols["file_id"].append(fid)
         cols["offset"].append(off)
         cols["length"].append(n)
@@ -355,10 +392,11 @@ class RecordReader:
     if fd is None:
       fd = self._fds.setdefault(fid, os.open(ix.files[fid], os.O_RDONLY))
     off, n = int(ix.offset[i]), int(ix.length[i])
-    data = os.pread(fd, n, off)
-    if len(data) != n:
+    data, crc = os.pread(fd, n, off), os.pread(fd, _FOOTER, off + n)  # no copy of the data
+    if len(data) != n or len(crc) != _FOOTER:
       raise DatasetError(f"{ix.files[fid]}: record at byte {off} is truncated (file changed "
                          "after indexing?)")
+    _check_crc(data, crc, f"{ix.files[fid]}: the record at byte {off}")
     return parse_example(data, where=f"{ix.files[fid]}@{off}", **self._frames)
 
 

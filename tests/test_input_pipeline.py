@@ -1,5 +1,6 @@
 """The grain input pipeline over shards: index, samplers, process slicing, state, errors."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -315,3 +316,65 @@ def test_raw_frames_of_the_wrong_size_name_the_record_and_the_metadata(png_and_r
     json.dump(meta, f)
   with pytest.raises(ip.DatasetError, match=r"metadata.json: frame_encoding 'jpeg' is not one"):
     ip.read_record(ip.load_index(ddir, "train", cache=False), 0)
+
+
+def _flip_bit(path, byte, bit=3):
+  with open(path, "r+b") as f:
+    f.seek(byte)
+    b = f.read(1)[0]
+    f.seek(byte)
+    f.write(bytes([b ^ (1 << bit)]))
+
+
+def test_a_flipped_bit_in_a_record_is_found_not_trained_on(png_and_raw, tmp_path):
+  """A raw frame's bit flipped on disk parses as a valid record with another pixel: the record's
+  CRC finds it, when indexing and when a cached index (same file sizes) reads it."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  ddir = str(tmp_path / "raw")
+  shutil.copytree(png_and_raw["raw"], ddir)
+  index = ip.load_index(ddir, "train")  # cached, keyed by the shards' sizes
+  i = 5
+  path, off, n = index.files[index.file_id[i]], int(index.offset[i]), int(index.length[i])
+  before = ip.read_record(index, i)
+  with open(path, "rb") as f:
+    f.seek(off)
+    pixel = off + f.read(n).index(before["frames"].tobytes()) + 100  # a byte of the frame
+  _flip_bit(path, pixel)
+  with open(path, "rb") as f:
+    f.seek(off)
+    damaged = ip.parse_example(f.read(n), **ip.frame_format(index))
+  assert (damaged["frames"] != before["frames"]).sum() == 1  # valid, and wrong
+  message = f"{path}: the record at byte {off} does not match its CRC"
+  with pytest.raises(ip.DatasetError, match=re.escape(message)):
+    ip.read_record(ip.load_index(ddir, "train"), i)
+  with pytest.raises(ip.DatasetError, match=re.escape(message)):
+    ip.load_index(ddir, "train", cache=False)
+  _flip_bit(path, pixel)
+  np.testing.assert_array_equal(ip.read_record(index, i)["frames"], before["frames"])
+
+
+def test_a_damaged_record_header_is_named(dataset, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  ddir = str(tmp_path / "d")
+  shutil.copytree(dataset, ddir)
+  index = ip.load_index(ddir, "train", cache=False)
+  path, off = index.files[0], int(index.offset[index.file_id == 0].max())  # its last record
+  _flip_bit(path, off - 12 + 1)  # the second byte of its length
+  with pytest.raises(ip.DatasetError, match=re.escape(
+      f"{path}: the record header at byte {off - 12} does not match its CRC")):
+    ip.load_index(ddir, "train", cache=False)
+
+
+def test_a_shard_cut_at_a_record_boundary_is_incomplete(png_and_raw, tmp_path):
+  """One record short, the shard still parses; dataset_info.json's shard lengths find it."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  ddir = str(tmp_path / "png")
+  shutil.copytree(png_and_raw["png"], ddir)
+  index = ip.load_index(ddir, "train", cache=False)
+  path = index.files[0]
+  count = int((index.file_id == 0).sum())
+  with open(path, "r+b") as f:
+    f.truncate(int(index.offset[index.file_id == 0].max()) - 12)
+  with pytest.raises(ip.DatasetError, match=re.escape(
+      f"{path}: {count - 1} records, dataset_info.json says {count}")):
+    ip.load_index(ddir, "train")
