@@ -87,13 +87,21 @@ class RecordIndex:
     return len(self.video_ids)
 
 
-def shard_files(dataset_dir: str, split: str) -> list[str]:
-  """The split's shards, checked complete: a dataset_info.json and every -of-N shard present."""
+def dataset_info(dataset_dir: str) -> dict:
+  """The dataset_info.json of a finished data_prep build; DatasetError naming what is missing."""
   if not os.path.isdir(dataset_dir):
     raise DatasetError(f"{dataset_dir}: not a directory")
-  if not os.path.exists(os.path.join(dataset_dir, "dataset_info.json")):
+  path = os.path.join(dataset_dir, "dataset_info.json")
+  if not os.path.exists(path):
     raise DatasetError(f"{dataset_dir}: no dataset_info.json: not a data_prep dataset, or its "
                        "build did not finish (re-run data_prep with the same arguments)")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def shard_files(dataset_dir: str, split: str) -> list[str]:
+  """The split's shards, checked complete: a dataset_info.json and every -of-N shard present."""
+  dataset_info(dataset_dir)
   files = sorted(glob.glob(os.path.join(glob.escape(dataset_dir), f"*-{split}.tfrecord-*")))
   files = [f for f in files if _SHARD_RE.search(f)]
   if not files:
@@ -145,9 +153,7 @@ def _masked_crc():
 
 def _shard_lengths(dataset_dir: str, split: str) -> list[int] | None:
   """The split's records per shard as dataset_info.json records them (None if it does not)."""
-  with open(os.path.join(dataset_dir, "dataset_info.json"), encoding="utf-8") as f:
-    info = json.load(f)
-  for s in info.get("splits", []):
+  for s in dataset_info(dataset_dir).get("splits", []):
     if s.get("name") == split and "shardLengths" in s:
       return [int(n) for n in s["shardLengths"]]
   return None
@@ -553,3 +559,39 @@ class DevicePrefetch:
   def get_state(self) -> bytes:
     state = self._queue[0][0] if self._queue else self._it.get_state()
     return json.dumps(state, indent=4).encode()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking a dataset (e.g. after copying it to a cluster): python -m ssl_us.input_pipeline DIR
+
+
+def main(argv=None) -> int:
+  """Checks every split of a data_prep dataset: its shards all present, each one's record count
+  as dataset_info.json says, every record's CRC and parse; 1 if any fails."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(prog="python -m ssl_us.input_pipeline", description=main.__doc__)
+  p.add_argument("dataset_dir", help="a data_prep dataset (<output>/<name>/<version>)")
+  args = p.parse_args(argv)
+  try:
+    splits = [s["name"] for s in dataset_info(args.dataset_dir).get("splits", [])]
+  except DatasetError as e:
+    print(e)
+    return 1
+  damaged = 0
+  for split in splits:
+    try:
+      index = load_index(args.dataset_dir, split, cache=False)
+      print(f"{split}: {len(index.files)} shards, {index.num_records:,} records of "
+            f"{index.num_videos:,} videos, {sum(os.path.getsize(f) for f in index.files):,} "
+            "bytes, as written")
+    except DatasetError as e:
+      damaged += 1
+      print(f"{split}: {e}")
+  print(f"{args.dataset_dir}: {len(splits) - damaged} splits as written"
+        + (f", {damaged} damaged" if damaged else ""))
+  return 1 if damaged or not splits else 0
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.exit(main())

@@ -378,3 +378,25 @@ def test_a_shard_cut_at_a_record_boundary_is_incomplete(png_and_raw, tmp_path):
   with pytest.raises(ip.DatasetError, match=re.escape(
       f"{path}: {count - 1} records, dataset_info.json says {count}")):
     ip.load_index(ddir, "train")
+
+
+def test_the_dataset_check_command(png_and_raw, tmp_path, capsys):
+  """python -m ssl_us.input_pipeline DIR: every split as written (0), else the damage named (1)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  ddir = str(tmp_path / "png")
+  shutil.copytree(png_and_raw["png"], ddir)
+  assert ip.main([ddir]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert out == [f"train: 1 shards, 24 records of 6 videos, "
+                 f"{os.path.getsize(ip.load_index(ddir, 'train').files[0]):,} bytes, as written",
+                 f"{ddir}: 1 splits as written"]
+  index = ip.load_index(ddir, "train")
+  _flip_bit(index.files[0], int(index.offset[3]) + 5)
+  assert ip.main([ddir]) == 1
+  out = capsys.readouterr().out.splitlines()
+  assert out == [f"train: {index.files[0]}: the record at byte {int(index.offset[3])} does not "
+                 "match its CRC: the shard was damaged after data_prep wrote it (disk, copy); "
+                 "copy it again or rebuild the dataset", f"{ddir}: 0 splits as written, 1 damaged"]
+  os.remove(os.path.join(ddir, "dataset_info.json"))
+  assert ip.main([ddir]) == 1
+  assert "no dataset_info.json" in capsys.readouterr().out
