@@ -659,7 +659,13 @@ def finish(cfg: config_lib.BuildConfig, prep: Prepared, final: dict, plan: dict,
               for s, shards in plan.items()},
       description=f"Ultrasound records ({cfg.sampling.mode} mode) made by data_prep.")
   shutil.rmtree(work.root)
-  return report
+  return _as_returned(cfg, report)
+
+
+def _as_returned(cfg: config_lib.BuildConfig, report: dict) -> dict:
+  """The report as ``build`` returns it: as written, but where the dataset is even if a patient
+  id in the output path was redacted in the written copy."""
+  return {**report, "dataset_dir": cfg.dataset_dir}
 
 
 # ----------------------------------------------------------------------------------- build
@@ -677,7 +683,7 @@ def _finished(cfg: config_lib.BuildConfig) -> dict | None:
   if os.path.isdir(work):  # the merge was stopped after finishing, before cleaning up
     shutil.rmtree(work)
   with open(os.path.join(cfg.dataset_dir, REPORT, "report.json"), encoding="utf-8") as f:
-    return json.load(f)
+    return _as_returned(cfg, json.load(f))
 
 
 def build(input, output, **options) -> dict:  # pylint: disable=redefined-builtin

@@ -262,7 +262,7 @@ MRNS = ("MRN4471902", "MRN5500321", "MRN7781234")
 def test_patient_ids_in_paths_never_reach_the_output(tmp_path, kind):
   """Record numbers as folder and file names (found by the regex, or given in the manifest)
   are hashed in every file of the dataset, and the hash is the records' patient field."""
-  src, out = tmp_path / "in", str(tmp_path / "out")
+  src, out = tmp_path / "in", str(tmp_path / f"export_{MRNS[2]}")  # even in the output path
   rels = [f"{label}/{mrn}/{mrn}_lung {k}.mp4" for k, (label, mrn) in enumerate(
       [("covid", MRNS[0]), ("negative", MRNS[0]), ("covid", MRNS[1]), ("negative", MRNS[2])])]
   for k, rel in enumerate(rels):
@@ -273,14 +273,20 @@ def test_patient_ids_in_paths_never_reach_the_output(tmp_path, kind):
   with pytest.raises(ValueError, match="--id_key .* is inside --output"):
     pipeline.build(str(src), out, id_key=os.path.join(out, "key.csv"), **opts)
   if kind == "folder":
-    report = pipeline.build(str(src), out, patient_regex=r"/(MRN\d+)/", id_key=key, **opts)
+    args, more = (str(src),), dict(patient_regex=r"/(MRN\d+)/")
   else:
     rows = [f"{r},{r.split('/')[1]},follow-up of {r.split('/')[1]}" for r in rels]
     (src / "m.csv").write_text("path,patient_id,note\n" + "\n".join(rows) + "\n")
-    report = pipeline.build(str(src / "m.csv"), out, label_rule="top", id_key=key, **opts)
+    args, more = (str(src / "m.csv"),), dict(label_rule="top")
+  build = lambda: pipeline.build(*args, out, id_key=key, **more, **opts)  # noqa: E731
+  report = build()
   ddir = os.path.join(out, "ultrasound", "1.0.0")
-  assert report["counts"]["written"] == 4
   token = {m: "patient-" + manifest.hash_patient(m, b"s") for m in MRNS}
+  assert report["counts"]["written"] == 4 and report["dataset_dir"] == ddir  # where it is
+  written = json.load(open(os.path.join(ddir, "report", "report.json")))
+  assert written["dataset_dir"] == ddir.replace(MRNS[2], token[MRNS[2]])
+  again = build()  # finished: its report, and where the dataset is
+  assert again == report and again["files"] == written["files"]
   for _, _, r in read_records(ddir):
     mrn = next(m for m in MRNS if token[m] in r["source"])
     assert r["source"] == r["video_id"] and r["patient"] == token[mrn][len("patient-"):]
@@ -299,8 +305,13 @@ def test_patient_ids_in_paths_never_reach_the_output(tmp_path, kind):
   assert len([p for p in names if p.endswith(".png")]) == 4  # previews, named by video
   for path in names:
     data = open(path, "rb").read() if os.path.isfile(path) else b""
+    if path.endswith("metadata.json"):  # the options as given, to recognise a re-run
+      meta = json.loads(data)
+      assert meta["args"].pop("output") == out and meta["args"].pop("input") in (str(src), str(
+          src / "m.csv"))
+      data = json.dumps(meta).encode()
     for mrn in MRNS:
-      assert mrn not in path and mrn[3:].encode() not in data, (path, mrn)
+      assert mrn not in os.path.relpath(path, ddir) and mrn[3:].encode() not in data, (path, mrn)
   # asked to keep the ids, the paths are as they were
   kept = pipeline.build(str(src), str(tmp_path / "kept"), patient_regex=r"/(MRN\d+)/",
                         keep_patient_id=True, **opts)
