@@ -49,4 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   # TensorBoard's Profile tab, with a summary.md of the op times (ssl_us/profiling.py).
   c.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0))
   c.progress_bar = True
+  # A workdir with checkpoints resumes only under the config and dataset it was started with,
+  # but for how it runs and how long (checkpoint.RESUME_MAY_CHANGE); True continues it anyway.
+  c.resume_with_changes = False
   return c

@@ -5,7 +5,8 @@ statistics and method extras such as BYOL's EMA target, RNG) and 'data' (the gra
 state of every process). Orbax writes each step to a temporary directory and renames it when
 complete, so a preempted save is never taken for a checkpoint. <workdir>/config.json and
 <workdir>/batch_spec.json (shapes of one host batch) let ``load_encoder`` rebuild the model
-without the data.
+without the data. config.json and dataset.json (what the samplers plan over, hashed) are what
+``check_resume`` holds a resumed run to.
 
 Damage (truncated or corrupted files, a missing item) is survived: ``restore_latest`` warns
 about a step that does not restore, names it and the reason, and tries the next newest. The
@@ -26,6 +27,7 @@ before ssl_us wrote checksums) restores as before, unverified, and says so.
 from __future__ import annotations
 
 import collections
+import datetime
 import hashlib
 import json
 import os
@@ -49,9 +51,83 @@ def _write_json(path, obj):
   os.replace(tmp, path)
 
 
-def save_config(workdir: str, config: ml_collections.ConfigDict):
+def save_config(workdir: str, config: ml_collections.ConfigDict, dataset: dict | None = None):
+  """<workdir>/config.json and, given, dataset.json (what ``check_resume`` compares with)."""
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    if dataset is not None:
+      _write_json(os.path.join(workdir, "dataset.json"), dataset)
+
+
+class ResumeError(ValueError):
+  """A workdir's run that this config or dataset would not continue as it was started."""
+
+
+# Config keys a resumed run may change, logged: how it runs (logging, checkpoints, workers,
+# memory: devices, microbatches, remat, the loss's dense or ring form; a moved dataset) and how
+# long (num_steps, num_epochs: the learning-rate schedule then ends at the new step). Any other
+# change would continue the run as another experiment: a ResumeError unless
+# config.resume_with_changes.
+RESUME_MAY_CHANGE = (
+    "log_every", "ckpt_every", "keep_checkpoints", "progress_bar", "profile.", "prefetch",
+    "max_nonfinite_steps", "num_devices", "microbatches", "model.remat", "loss.impl",
+    "loss.dense_limit_mb", "data.dir", "data.num_workers", "num_steps", "num_epochs",
+    "resume_with_changes")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def check_resume(workdir: str, config: ml_collections.ConfigDict, dataset: dict,
+                 log_fn=None) -> None:
+  """Before a run continues the checkpoints of ``workdir``: its config and dataset against
+  those the run was started with (config.json, dataset.json). Changes in RESUME_MAY_CHANGE are
+  logged; any other change, or a dataset whose records differ, is a ResumeError naming each
+  key (or the records) unless config.resume_with_changes. A run that goes on with changes
+  keeps the config and dataset it had as config.<time>.json and dataset.<time>.json."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not (os.path.isdir(directory) and any(s.isdigit() for s in os.listdir(directory))):
+    return
+  paths = {k: os.path.join(workdir, f"{k}.json") for k in ("config", "dataset")}
+  saved = {}
+  for k, path in paths.items():
+    if os.path.exists(path):
+      with open(path) as f:
+        saved[k] = json.load(f)
+  if "config" not in saved:
+    return
+  was, now = _flat(saved["config"]), _flat(json.loads(config.to_json_best_effort()))
+  changed = sorted(k for k in was.keys() & now.keys() if was[k] != now[k])
+  fixed = [k for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
+  lines = {k: f"{k}: {was[k]!r} -> {now[k]!r}" for k in changed}
+  old_data = saved.get("dataset")
+  if old_data and old_data["digest"] != dataset["digest"]:
+    fixed.append("dataset")
+    lines["dataset"] = (
+        f"the {dataset['split']} records of data.dir: {old_data['records']:,} records of "
+        f"{old_data['videos']:,} videos ({old_data['dir']}) -> {dataset['records']:,} of "
+        f"{dataset['videos']:,} ({dataset['dir']}), not the same")
+  if fixed and not config.get("resume_with_changes", False):
+    allowed = [lines[k] for k in changed if k not in fixed]
+    raise ResumeError(
+        f"{workdir} holds a run started with another config or dataset; resuming it here "
+        "would continue it as another experiment:\n  " + "\n  ".join(lines[k] for k in fixed)
+        + "".join(f"\n  ({line}: may change)" for line in allowed) +
+        "\nUse a new workdir, or set config.resume_with_changes=True to continue it with these "
+        "changes.")
+  if changed or fixed:
+    (log_fn or print)(f"resuming {workdir} with changes:\n  " + "\n  ".join(lines.values()))
+    if jax.process_index() == 0:
+      stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+      for k, obj in saved.items():
+        _write_json(os.path.join(workdir, f"{k}.{stamp}.json"), obj)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

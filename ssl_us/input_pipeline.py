@@ -319,6 +319,18 @@ def load_index(dataset_dir: str, split: str, *, cache: bool = True) -> RecordInd
   return index
 
 
+def content_digest(index: RecordIndex) -> str:
+  """What the samplers plan over, as a hash: every record's video, patient, labels and frames,
+  in index order. The same for a copy of the dataset elsewhere; another for a rebuilt one whose
+  records differ."""
+  h = hashlib.sha256(f"v{_INDEX_VERSION};{index.split};".encode())
+  h.update(json.dumps([index.video_ids, index.patients]).encode())
+  for k in ("video", "patient", "frame_index", "num_frames", "label", "anatomy_coarse",
+            "anatomy_fine"):
+    h.update(np.ascontiguousarray(getattr(index, k), np.int64).tobytes())
+  return h.hexdigest()
+
+
 def _canonical(arrays: dict, video_ids: tuple, patient_ids: tuple):
   """Rows sorted by (video id, first frame), video and patient ids numbered in sorted order.
 

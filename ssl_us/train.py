@@ -377,8 +377,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   setup = build(config, mesh)
   config = setup.config
   os.makedirs(workdir, exist_ok=True)
-  ckpt_lib.save_config(workdir, config)
   say = log_fn or (lambda msg: logging.warning("%s", msg) if jax.process_index() == 0 else None)
+  dataset = {"dir": config.data.dir, "split": setup.index.split,
+             "records": setup.index.num_records, "videos": setup.index.num_videos,
+             "digest": input_pipeline.content_digest(setup.index)}
+  ckpt_lib.check_resume(workdir, config, dataset, log_fn=say)
+  ckpt_lib.save_config(workdir, config, dataset)
 
   # Input.
   ds = make_input(setup, config)

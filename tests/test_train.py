@@ -90,6 +90,44 @@ def test_prefetching_loop_equals_the_synchronous_one(dataset, tmp_path):
                                checkpoint.load_state(str(tmp_path / "p2"))[2])
 
 
+def test_a_workdir_resumes_only_the_experiment_it_holds(dataset, tmp_path):
+  """Resuming under another temperature or dataset is refused, naming what changed, and
+  leaves the workdir as it was; how long and how it runs may change (logged); with
+  resume_with_changes the run goes on, keeping the config it had."""
+  mesh, wd = parallel.make_mesh(2), str(tmp_path / "wd")
+  first = train.train_and_evaluate(tiny_config(dataset, num_steps=2), wd, mesh=mesh)
+  assert first["step"] == [1, 2]
+  saved = {k: open(os.path.join(wd, f"{k}.json")).read() for k in ("config", "dataset")}
+  assert json.loads(saved["dataset"])["records"] == 32
+  other = fixtures.write_dataset(str(tmp_path / "other"), num_videos=9, frames=4)
+  for config, message in [
+      (tiny_config(dataset, num_steps=4, loss=dict(temperature=0.1, dense_limit_mb=1024,
+                                                   impl="auto")),
+       r"\n  loss.temperature: 0.5 -> 0.1\n  \(num_steps: 2 -> 4: may change\)\nUse a new "
+       r"workdir, or set config.resume_with_changes"),
+      (tiny_config(other, num_steps=4),
+       r"the train records of data.dir: 32 records of 8 videos \(.*\) -> 36 of 9 \(.*\), not")]:
+    with pytest.raises(checkpoint.ResumeError, match=message):
+      train.train_and_evaluate(config, wd, mesh=mesh)
+    assert {k: open(os.path.join(wd, f"{k}.json")).read() for k in saved} == saved
+  # a copy of the dataset elsewhere, two more steps, another logging cadence: resumed, logged
+  copy = str(tmp_path / "copy")
+  shutil.copytree(dataset, copy)
+  logs = []
+  more = train.train_and_evaluate(tiny_config(copy, num_steps=4, log_every=2), wd, mesh=mesh,
+                                  log_fn=logs.append)
+  assert more["step"] == [4] and any(
+      "with changes:" in m and "data.dir: " in m and "log_every: 1 -> 2" in m and
+      "num_steps: 2 -> 4" in m for m in logs), logs
+  # asked to, the run goes on under the new temperature; the config it had is kept
+  changed = tiny_config(copy, num_steps=5, log_every=2, resume_with_changes=True,
+                        loss=dict(temperature=0.1, dense_limit_mb=1024, impl="auto"))
+  assert train.train_and_evaluate(changed, wd, mesh=mesh)["final_step"] == 5
+  kept = [f for f in os.listdir(wd) if f.startswith("config.") and f != "config.json"]
+  assert len(kept) == 2  # before the copy's run, before this one
+  assert checkpoint.load_config(wd).loss.temperature == 0.1
+
+
 def test_checkpoint_saved_while_a_batch_is_prefetched_resumes_at_that_batch(dataset, tmp_path):
   """The step-2 checkpoint of a 4-step run was written while batch 3 sat on the devices: its
   input state is that before batch 3, so resuming from it repeats steps 3 and 4 exactly."""
