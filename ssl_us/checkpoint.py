@@ -63,16 +63,35 @@ class ResumeError(ValueError):
   """A workdir's run that this config or dataset would not continue as it was started."""
 
 
-# Config keys a resumed run may change, logged: how it runs (logging, checkpoints, workers,
-# memory: devices, microbatches, remat, the loss's dense or ring form; a moved dataset) and how
-# long (num_steps, num_epochs: the learning-rate schedule then ends at the new step). Any other
-# change would continue the run as another experiment: a ResumeError unless
-# config.resume_with_changes.
-RESUME_MAY_CHANGE = (
+# Config keys that change how a run runs, not what it computes: logging, checkpoints, workers,
+# devices, remat, the loss's dense or ring form (each equal by test), a moved copy of the data.
+RUN_ONLY = (
     "log_every", "ckpt_every", "keep_checkpoints", "progress_bar", "profile.", "prefetch",
-    "max_nonfinite_steps", "num_devices", "microbatches", "model.remat", "loss.impl",
-    "loss.dense_limit_mb", "data.dir", "data.num_workers", "num_steps", "num_epochs",
-    "resume_with_changes")
+    "max_nonfinite_steps", "num_devices", "model.remat", "loss.impl", "loss.dense_limit_mb",
+    "data.dir", "data.num_workers", "resume_with_changes")
+# ... and what a resumed run may change besides, logged: memory (microbatches: ghost BatchNorm
+# groups) and how long (num_steps, num_epochs: the learning-rate schedule then ends at the new
+# step). Any other change would continue the run as another experiment: a ResumeError unless
+# config.resume_with_changes.
+RESUME_MAY_CHANGE = RUN_ONLY + ("microbatches", "num_steps", "num_epochs")
+
+
+def _saved_json(workdir: str, name: str) -> dict | None:
+  path = os.path.join(workdir, f"{name}.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def config_changes(workdir: str, config: ml_collections.ConfigDict, ignore=()) -> dict:
+  """{key: (saved value, value now)} for every leaf that differs between the workdir's
+  config.json and ``config``, but keys under ``ignore`` prefixes and keys only one of them has
+  (added or removed by another ssl_us version); {} without a config.json."""
+  was = _flat(_saved_json(workdir, "config") or {})
+  now = _flat(json.loads(config.to_json_best_effort()))
+  return {k: (was[k], now[k]) for k in sorted(was.keys() & now.keys())
+          if was[k] != now[k] and not k.startswith(tuple(ignore))}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -95,18 +114,12 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict, dataset: dict,
   directory = os.path.join(workdir, "checkpoints")
   if not (os.path.isdir(directory) and any(s.isdigit() for s in os.listdir(directory))):
     return
-  paths = {k: os.path.join(workdir, f"{k}.json") for k in ("config", "dataset")}
-  saved = {}
-  for k, path in paths.items():
-    if os.path.exists(path):
-      with open(path) as f:
-        saved[k] = json.load(f)
+  saved = {k: v for k in ("config", "dataset") if (v := _saved_json(workdir, k)) is not None}
   if "config" not in saved:
     return
-  was, now = _flat(saved["config"]), _flat(json.loads(config.to_json_best_effort()))
-  changed = sorted(k for k in was.keys() & now.keys() if was[k] != now[k])
+  changed = config_changes(workdir, config)
   fixed = [k for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
-  lines = {k: f"{k}: {was[k]!r} -> {now[k]!r}" for k in changed}
+  lines = {k: f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()}
   old_data = saved.get("dataset")
   if old_data and old_data["digest"] != dataset["digest"]:
     fixed.append("dataset")

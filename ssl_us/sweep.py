@@ -316,6 +316,26 @@ def read_point(point_dir: str) -> dict | None:
     return json.load(f)
 
 
+def finished_point(point_dir: str, config, log=print) -> dict | None:
+  """The record of a point finished under ``config`` (but for how it ran: checkpoint.RUN_ONLY),
+  to be skipped; None for a point to run. A point finished under another config (a re-run with
+  other --set values) runs again: resumed where its checkpoints allow (more steps), else its
+  run fails naming the changes (checkpoint.check_resume)."""
+  from ssl_us import checkpoint  # pylint: disable=g-import-not-at-top
+  done = read_point(point_dir)
+  if not done or done.get("status") != "done":
+    return None
+  name = os.path.basename(point_dir)
+  derived = ("num_steps",) if config.get("num_epochs", 0) > 0 else ()  # from the epochs
+  changes = checkpoint.config_changes(point_dir, config, ignore=checkpoint.RUN_ONLY + derived)
+  if changes:
+    log(f"[sweep] {name}: done under another config ("
+        + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()) + "), run again")
+    return None
+  log(f"[sweep] {name}: done, skipped")
+  return done
+
+
 def _record(sweep: Sweep, point: Point, status: str, **fields):
   wd = os.path.join(sweep.workdir, point.name)
   os.makedirs(wd, exist_ok=True)
@@ -465,9 +485,8 @@ def run_point(sweep: Sweep, point: Point, config, log=print) -> dict:
   failing point: its status is 'failed' with the error."""
   from ssl_us import train  # pylint: disable=g-import-not-at-top
   wd = os.path.join(sweep.workdir, point.name)
-  done = read_point(wd)
-  if done and done.get("status") == "done":
-    log(f"[sweep] {point.name}: done, skipped")
+  done = finished_point(wd, config, log)
+  if done:
     return done
   _record(sweep, point, "running")
   log(f"[sweep] {point.name}: pretraining in {wd}")
@@ -562,9 +581,8 @@ def run_parallel(sweep: Sweep, parallel: int, log=print) -> list[dict]:
     for slot in range(parallel):
       if slot not in running and queue:
         point = queue.pop(0)
-        done = read_point(os.path.join(sweep.workdir, point.name))
-        if done and done.get("status") == "done":
-          log(f"[sweep] {point.name}: done, skipped")
+        done = finished_point(os.path.join(sweep.workdir, point.name), sweep.config(point), log)
+        if done:
           records[point.name] = done
           continue
         devices = list(range(slot * per, (slot + 1) * per))

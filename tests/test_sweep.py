@@ -187,6 +187,20 @@ def test_sweep_runs_skips_resumes_and_records_failures(dataset, tmp_path, monkey
   calls.clear()
   sweep.run(s, log=lambda m: None)
   assert calls == [names[1], names[3]]
+  # Run again with more steps: the finished points go on from their checkpoints, evaluated
+  # anew; with another augmentation they would be other experiments: each one fails, named.
+  longer = sweep.build_sweep(cfg, wd, grids, sets=["config.num_steps=6"])
+  calls.clear()
+  again = {r["name"]: r for r in sweep.run(longer, log=lambda m: None)}
+  assert calls == names and again[names[0]]["metrics"]["steps"][-2:] == [5, 6]
+  other = sweep.build_sweep(cfg, wd, grids,
+                            sets=["config.num_steps=6", "config.aug.flip_prob=0.0"])
+  failed = {r["name"]: r for r in sweep.run(other, log=lambda m: None)}
+  assert [failed[n]["status"] for n in names] == ["failed"] * 4
+  assert "aug.flip_prob: 0.5 -> 0.0" in failed[names[0]]["error"], failed[names[0]]["error"]
+  calls.clear()
+  sweep.run(longer, log=lambda m: None)  # as it was
+  assert calls == [names[0], names[1], names[2], names[3]]
   # The report.
   rows = list(csv.DictReader(open(os.path.join(wd, "sweep.csv"))))
   assert [r["name"] for r in rows] == names
