@@ -19,11 +19,12 @@ over the devices) is an error naming the point.
 
 Points run one after the other in this process, or ``--parallel K`` at once, each in its own
 process (its ``--only`` command) on a disjoint 1/K of the local GPUs or CPU devices. Re-running
-the same command skips the finished points (``finished_point``: finished under this config)
-and resumes an interrupted one from its checkpoints; a point that fails is recorded with its error and the sweep goes on; SIGTERM/SIGINT
-stops the current point with a checkpoint (see ``train.StopSignal``) and the sweep with it. For
-a cluster, ``--emit commands`` prints one self-contained command per point (the same command
-with ``--only NAME``), and ``--aggregate`` builds the report from whatever point workdirs exist.
+the same command skips the finished points (``finished_point``: finished under this config) and
+resumes an interrupted one from its checkpoints; a point that fails is recorded with its error
+and the sweep goes on; SIGTERM/SIGINT stops the current point with a checkpoint (see
+``train.StopSignal``) and the sweep with it. For a cluster, ``--emit commands`` prints one
+self-contained command per point (the same command with ``--only NAME``), and ``--aggregate``
+builds the report from whatever point workdirs exist.
 
 Evaluation of every point, after its pretraining, on ``--eval_split`` of the config's dataset
 (records with a label, at most ``--eval_max``, the first frame or clip of each): kNN accuracy
