@@ -106,7 +106,8 @@ def parser() -> argparse.ArgumentParser:
   g.add_argument("--id_key", default=d.id_key, metavar="CSV",
                  help="also write, outside --output, a CSV from each video_id as written to "
                  "the file it was read from and its patient field: the key that re-identifies "
-                 "the dataset, for the site that keeps the data")
+                 "the dataset, for the site that keeps the data (on a finished build: only "
+                 "with the --salt it was built with)")
   g.add_argument("--keep_uids", action="store_true",
                  help="keep file/folder names shaped like DICOM UIDs (default: replaced by "
                  "'uid-<salted hash>' in video_id, source, metadata and the report)")

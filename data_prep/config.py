@@ -207,5 +207,6 @@ def normalize_size(size) -> tuple[int, int]:
 
 
 def salt_digest(salt: bytes) -> str:
-  """A check value that tells whether two runs used the same salt (kept in the work folder)."""
+  """A check value that tells whether two runs used the same salt (kept in the work folder, and
+  for a given --salt in the report)."""
   return hashlib.sha256(b"data_prep salt check:" + salt).hexdigest()[:16]

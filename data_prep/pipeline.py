@@ -621,14 +621,45 @@ def merge(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir, run: dict)
   return finish(cfg, prep, final, plan, run, work)
 
 
-def write_id_key(cfg: config_lib.BuildConfig, prep: Prepared) -> None:
+def write_id_key(cfg: config_lib.BuildConfig, listed: Listing | Prepared) -> None:
   """--id_key: every input's video_id and patient as written, and the file it was read from."""
   out = io.StringIO()
   w = csv.writer(out, lineterminator="\n")
   w.writerow(["video_id", "patient", "path"])
-  for e in prep.inputs.entries:
-    w.writerow([e.video_id, prep.redactor.patient(e.patient_id), e.path])
+  for e in listed.inputs.entries:
+    w.writerow([e.video_id, listed.redactor.patient(e.patient_id), e.path])
   writer_lib.write_text_atomic(os.path.abspath(cfg.id_key), out.getvalue())
+
+
+def write_id_key_of_finished(cfg: config_lib.BuildConfig, report: dict) -> None:
+  """--id_key given on a re-run of a finished build: the key, from the input listed again with
+  the build's salt. BuildError where it cannot be the build's key: without the salt the build
+  used (checked against the report's ``salt_check``), the hashes would not be the records';
+  an input that lists other videos now is not the dataset's."""
+  where = f"--id_key: {cfg.dataset_dir} is a finished build"
+  salt = cfg.salt.encode("utf-8")
+  if not (cfg.keep_patient_id and cfg.keep_uids):  # else the salt changes nothing written
+    if report["args"].get("salt") != "given":
+      raise BuildError(f"{where} made with a random salt, deleted when it finished, so its key "
+                       "cannot be written now: give --id_key to the build itself (--overwrite "
+                       "builds it again; add --salt to keep the hashes comparable)")
+    if "salt_check" not in report:
+      raise BuildError(f"{where} whose report predates the salt check, so this --salt cannot "
+                       "be told to be the build's: give --id_key to the build itself "
+                       "(--overwrite builds it again)")
+    if config_lib.salt_digest(salt) != report["salt_check"]:
+      raise BuildError(f"{where}; its key needs the --salt it was built with" +
+                       (", and this one differs" if cfg.salt else "") +
+                       " (else the patient hashes would not be the records')")
+  listing = list_inputs(cfg, salt)
+  now = {e.video_id for e in listing.inputs.entries}
+  then = {f["video_id"] for f in report["files"]}
+  if now != then:
+    added, gone = sorted(now - then), sorted(then - now)
+    raise BuildError(f"{where}, but its input {cfg.input} lists other videos now ({len(added)} "
+                     f"new, e.g. {added[:2]}; {len(gone)} gone, e.g. {gone[:2]}): the key "
+                     "would not be the dataset's")
+  write_id_key(cfg, listing)
 
 
 def finish(cfg: config_lib.BuildConfig, prep: Prepared, final: dict, plan: dict, run: dict,
@@ -638,6 +669,8 @@ def finish(cfg: config_lib.BuildConfig, prep: Prepared, final: dict, plan: dict,
   if cfg.id_key:
     write_id_key(cfg, prep)
   report = prep.redactor.tree(report_lib.make_report(cfg, prep, final, plan, [run]))
+  # a later --id_key run can then tell whether it holds the build's salt; a random one is deleted
+  report["salt_check"] = config_lib.salt_digest(prep.redactor.salt) if cfg.salt else None
   report_dir = os.path.join(cfg.dataset_dir, REPORT)
   os.makedirs(report_dir, exist_ok=True)
   writer_lib.write_json_atomic(os.path.join(report_dir, "report.json"), report)
@@ -707,6 +740,8 @@ def build(input, output, **options) -> dict:  # pylint: disable=redefined-builti
     shutil.rmtree(cfg.dataset_dir)
   report = _finished(cfg)
   if report is not None:
+    if cfg.id_key:
+      write_id_key_of_finished(cfg, report)
     return report
   if os.path.isdir(cfg.dataset_dir) and os.listdir(cfg.dataset_dir) and not os.path.isdir(
       os.path.join(cfg.dataset_dir, WORK)):

@@ -5,7 +5,8 @@ ignored, records, bytes), ``rejected_by_reason``, ``splits`` (videos, patients, 
 bytes, videos per label), ``files`` (one row per input in input order: written with its shard,
 record count, frames, bytes, scan-area box, or rejected with reason and message), ``ignored``
 (folder files that are not videos), ``dropped_columns``, ``warnings``, ``tasks`` (the run that
-finished the build: its runner, videos per minute and MB/s) and ``args``. ``summary.txt`` is
+finished the build: its runner, videos per minute and MB/s), ``args`` and ``salt_check`` (for
+a given --salt, ``config.salt_digest``; else null). ``summary.txt`` is
 the human version; ``python -m data_prep`` prints it.
 """
 from __future__ import annotations

@@ -16,6 +16,7 @@ import pytest
 
 import data_prep
 from data_prep import cli
+from data_prep import config as config_lib
 from data_prep import manifest
 from data_prep import pipeline
 from data_prep import readers
@@ -317,6 +318,51 @@ def test_patient_ids_in_paths_never_reach_the_output(tmp_path, kind):
                         keep_patient_id=True, **opts)
   assert {f["source"] for f in kept["files"]} == set(rels) | {
       f"covid/{MRNS[1]}/{MRNS[1]}_broken.mp4"}
+
+
+def test_id_key_of_a_finished_build_needs_its_salt(tmp_path):
+  """--id_key on a re-run of a finished build writes the build's key, or refuses (and writes
+  nothing) where it could not be the build's: no salt, another salt, a random salt, an older
+  report, an input that lists other videos now."""
+  src, out = tmp_path / "in", str(tmp_path / "out")
+  for k, mrn in enumerate(MRNS):
+    write_video(str(src / mrn / f"{mrn}_lung.mp4"), 4, seed=k)
+  opts = dict(size=16, min_size=16, num_workers=0, progress=False, splits="train=1.0",
+              patient_regex=r"^(MRN\d+)/")
+  key = str(tmp_path / "key.csv")
+  report = pipeline.build(str(src), out, salt="s", **opts)
+  assert report["salt_check"] == config_lib.salt_digest(b"s")
+  again = pipeline.build(str(src), out, salt="s", id_key=key, **opts)
+  assert again == report
+  with open(key, newline="") as f:
+    rows = {r["video_id"]: r for r in csv.DictReader(f)}
+  records = {r["video_id"]: r for _, _, r in read_records(os.path.join(out, "ultrasound",
+                                                                        "1.0.0"))}
+  assert sorted(rows) == sorted(records) and len(rows) == 3
+  for video_id, r in rows.items():
+    mrn = os.path.basename(os.path.dirname(r["path"]))
+    assert r["patient"] == records[video_id]["patient"] == manifest.hash_patient(mrn, b"s")
+    assert r["path"] == str(src / mrn / f"{mrn}_lung.mp4")
+  os.remove(key)
+  refusals = [(dict(salt="t"), "built with, and this one differs"),
+              (dict(), "needs the --salt it was built with \\(")]
+  for more, match in refusals:
+    with pytest.raises(pipeline.BuildError, match=match):
+      pipeline.build(str(src), out, id_key=key, **more, **opts)
+  report_path = os.path.join(out, "ultrasound", "1.0.0", "report", "report.json")
+  written = json.load(open(report_path))
+  json.dump({k: v for k, v in written.items() if k != "salt_check"}, open(report_path, "w"))
+  with pytest.raises(pipeline.BuildError, match="predates the salt check"):
+    pipeline.build(str(src), out, salt="s", id_key=key, **opts)
+  json.dump(written, open(report_path, "w"))
+  write_video(str(src / "MRN0000001" / "new.mp4"), 4, seed=9)
+  with pytest.raises(pipeline.BuildError, match="lists other videos now \\(1 new"):
+    pipeline.build(str(src), out, salt="s", id_key=key, **opts)
+  random_salt = str(tmp_path / "random")
+  assert pipeline.build(str(src), random_salt, **opts)["salt_check"] is None
+  with pytest.raises(pipeline.BuildError, match="made with a random salt"):
+    pipeline.build(str(src), random_salt, id_key=key, salt="s", **opts)
+  assert not os.path.exists(key)
 
 
 def test_dicom_uid_names_never_reach_the_output(tmp_path):
