@@ -14,6 +14,8 @@ from __future__ import annotations
 import collections
 import os
 
+from data_prep import manifest
+
 _MB = 2**20
 _MAX_LISTED = 20
 
@@ -105,6 +107,11 @@ def summary_text(report: dict) -> str:
     lines.append(f"  {f['source']}: {f['reason']}: {f['message']}")
   if len(rejected) > _MAX_LISTED:
     lines.append(f"  ... {len(rejected) - _MAX_LISTED} more in report.json")
+  if any(manifest.PATIENT_TOKEN.search(f["source"]) for f in rejected):
+    lines.append("  (paths de-identified: " + (
+        "the --id_key file leads to the files read)" if report["args"].get("id_key") else
+        "--id_key FILE writes the key to the files read; on a finished build, with the "
+        "--salt it was built with)"))
   for split, s in report["splits"].items():
     labels = ", ".join(f"{k} {v}" for k, v in s["labels"].items())
     lines.append(f"split {split}: {s['patients']} patients, {s['videos']} videos, "

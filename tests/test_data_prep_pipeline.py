@@ -21,6 +21,7 @@ from data_prep import manifest
 from data_prep import pipeline
 from data_prep import readers
 from data_prep import region as region_lib
+from data_prep import report as report_lib
 from data_prep import schema
 from data_prep import worker as worker_lib
 from tests.conftest import SHARED_DATA as SHARED
@@ -298,6 +299,10 @@ def test_patient_ids_in_paths_never_reach_the_output(tmp_path, kind):
   with open(key, newline="") as f:
     rows = list(csv.DictReader(f))
   assert {f["video_id"] for f in report["files"]} == {r["video_id"] for r in rows}
+  summary = open(os.path.join(ddir, "report", "summary.txt")).read()
+  broken = f"covid/{token[MRNS[1]]}/{token[MRNS[1]]}_broken.mp4: unreadable"
+  assert ((f"  {broken}" in summary and "(paths de-identified: the --id_key file leads to"
+           in summary) == (kind == "folder")), summary  # the manifest does not list it
   for r in rows:
     mrn = os.path.basename(os.path.dirname(r["path"]))
     assert r["path"] == str(src / r["video_id"].replace(token[mrn], mrn))
@@ -318,6 +323,7 @@ def test_patient_ids_in_paths_never_reach_the_output(tmp_path, kind):
                         keep_patient_id=True, **opts)
   assert {f["source"] for f in kept["files"]} == set(rels) | {
       f"covid/{MRNS[1]}/{MRNS[1]}_broken.mp4"}
+  assert "de-identified" not in report_lib.summary_text(kept)
 
 
 def test_id_key_of_a_finished_build_needs_its_salt(tmp_path):
