@@ -622,13 +622,14 @@ def merge(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir, run: dict)
 
 
 def write_id_key(cfg: config_lib.BuildConfig, listed: Listing | Prepared) -> None:
-  """--id_key: every input's video_id and patient as written, and the file it was read from."""
+  """--id_key: every input's video_id and patient as written, and the file it was read from;
+  readable by its owner only (mode 600), as it re-identifies the dataset."""
   out = io.StringIO()
   w = csv.writer(out, lineterminator="\n")
   w.writerow(["video_id", "patient", "path"])
   for e in listed.inputs.entries:
     w.writerow([e.video_id, listed.redactor.patient(e.patient_id), e.path])
-  writer_lib.write_text_atomic(os.path.abspath(cfg.id_key), out.getvalue())
+  writer_lib.write_text_atomic(os.path.abspath(cfg.id_key), out.getvalue(), mode=0o600)
 
 
 def write_id_key_of_finished(cfg: config_lib.BuildConfig, report: dict) -> None:

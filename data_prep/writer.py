@@ -154,10 +154,13 @@ def write_json_atomic(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def write_text_atomic(path: str, text: str) -> None:
-  """Write text to path via a temporary name, then renamed."""
+def write_text_atomic(path: str, text: str, mode: int | None = None) -> None:
+  """Write text to path via a temporary name, then renamed; ``mode`` (e.g. 0o600) is set
+  before the first byte is written."""
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
+    if mode is not None:
+      os.fchmod(f.fileno(), mode)
     f.write(text)
     f.flush()
     os.fsync(f.fileno())

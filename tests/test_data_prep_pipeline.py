@@ -295,7 +295,9 @@ def test_patient_ids_in_paths_never_reach_the_output(tmp_path, kind):
     assert r["source"].replace(token[mrn], mrn) in rels
     if kind == "manifest":
       assert json.loads(r["metadata"]) == {"note": f"follow-up of {token[mrn]}"}
-  # the key, kept apart, leads from every video_id and patient written back to its file
+  # the key, kept apart and readable by its owner only, leads from every video_id and patient
+  # written back to its file
+  assert os.stat(key).st_mode & 0o777 == 0o600
   with open(key, newline="") as f:
     rows = list(csv.DictReader(f))
   assert {f["video_id"] for f in report["files"]} == {r["video_id"] for r in rows}
