@@ -89,9 +89,14 @@ def config_changes(workdir: str, config: ml_collections.ConfigDict, ignore=()) -
   config.json and ``config``, but keys under ``ignore`` prefixes and keys only one of them has
   (added or removed by another ssl_us version); {} without a config.json."""
   was = _flat(_saved_json(workdir, "config") or {})
-  now = _flat(json.loads(config.to_json_best_effort()))
+  now = flat_config(config)
   return {k: (was[k], now[k]) for k in sorted(was.keys() & now.keys())
           if was[k] != now[k] and not k.startswith(tuple(ignore))}
+
+
+def flat_config(config: ml_collections.ConfigDict) -> dict:
+  """{'optim.base_lr': 0.001, ...}: the config's leaves as config.json holds them."""
+  return _flat(json.loads(config.to_json_best_effort()))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -5,7 +5,8 @@ r"""Pretraining entry point.
 
 A workdir that already holds a checkpoint resumes from it. With --multihost, every process
 calls jax.distributed.initialize() first (coordinator, process count and id from the usual
-environment or flags of jax.distributed).
+environment or flags of jax.distributed); the workdir must then be one folder all hosts mount
+(checked before the first step, with the config and the records, see parallel.py).
 """
 from absl import app, flags
 from ml_collections import config_flags

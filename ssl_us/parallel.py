@@ -7,8 +7,17 @@ collectives name the axis. The same code runs on one device, on fake CPU devices
 
 The mesh uses Explicit axis types (``jax.make_mesh``'s default): inside shard_map the axis is
 manual either way, and outside it explicit shardings make every array's placement visible.
+
+Several processes (jax.distributed) must run one config on the same records and write to one
+shared workdir; the checks at the end of this file say so before the first step, on every
+process alike, instead of a run that hangs in a collective or trains on wrong batches.
 """
 from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
 
 import jax
 import numpy as np
@@ -60,3 +69,79 @@ def varying(tree, axis_name):
       return x
     return jax.lax.pcast(x, (axis_name,), to="varying")
   return jax.tree.map(cast, tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (jax.distributed): what they must share, checked before the first step.
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_mounted_path(path: str, what: str) -> None:
+  """A ValueError for a URL (gs://, s3://): runs read data and write checkpoints through the file
+  system, and os.makedirs('gs://b/run') would make a local folder 'gs:', lost with the machine."""
+  if _URL.match(path):
+    raise ValueError(f"{what} {path} is a URL; ssl_us reads and writes through the file "
+                     "system: mount the bucket (e.g. gcsfuse, at the same path on every host) "
+                     "and give the mounted path")
+
+
+def _multihost_utils():
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils
+
+
+def check_processes_agree(values: dict[str, str]) -> None:
+  """A ValueError on every process unless each holds the same ``values`` (name -> text, e.g. the
+  config, the dataset's hash) as process 0: processes that plan batches over different records
+  or configs would train on wrong batches, or wait forever in a collective. One all-gather of
+  the texts' hashes; nothing with one process."""
+  if jax.process_count() == 1:
+    return
+  names = sorted(values)
+  mine = np.stack([np.frombuffer(hashlib.sha256(values[n].encode()).digest(), np.uint8)
+                   for n in names])
+  every = np.asarray(_multihost_utils().process_allgather(mine)).reshape(-1, len(names), 32)
+  for k, name in enumerate(names):
+    differ = [p for p in range(len(every)) if not np.array_equal(every[p, k], every[0, k])]
+    if differ:
+      raise ValueError(f"process {differ[0]}{' and others' if len(differ) > 1 else ''} of "
+                       f"{len(every)} holds another {name} than process 0 (this is process "
+                       f"{jax.process_index()}): every process must run the same command on "
+                       "the same data")
+
+
+def check_shared_folder(path: str, what: str) -> None:
+  """A ValueError on every process unless ``path`` is one folder that all processes see: process
+  0 writes a fresh file there and every process reads it. Orbax's multi-host checkpoints need
+  it (each process writes its share, process 0 completes the step), as does resuming. Nothing
+  with one process."""
+  if jax.process_count() == 1:
+    return
+  mh = _multihost_utils()
+  token = bytes(np.asarray(mh.broadcast_one_to_all(
+      np.frombuffer(secrets.token_bytes(16), np.uint8)), np.uint8)).hex()
+  probe = os.path.join(path, f".ssl_us_shared_{token}")
+  if jax.process_index() == 0:
+    with open(f"{probe}.tmp", "w") as f:
+      f.write(token)
+    os.replace(f"{probe}.tmp", probe)
+  mh.sync_global_devices(f"ssl_us_shared_written_{token}")
+  try:
+    with open(probe) as f:
+      seen = f.read() == token
+  except OSError:
+    seen = False
+  every = np.asarray(mh.process_allgather(np.array([seen]))).ravel()
+  mh.sync_global_devices(f"ssl_us_shared_read_{token}")
+  if jax.process_index() == 0:
+    os.remove(probe)
+  missing = [p for p, ok in enumerate(every) if not ok]
+  if missing:
+    raise ValueError(
+        f"{what} {path} is not one folder shared by the {len(every)} processes: process "
+        f"{', '.join(map(str, missing))} cannot read the file process 0 wrote there. A "
+        "multi-host run writes its checkpoints there from every host: use a file system every "
+        "host mounts at the same path (NFS, Filestore, Lustre, a bucket through gcsfuse)")
+

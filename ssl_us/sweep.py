@@ -286,7 +286,11 @@ def build_sweep(config_arg: str, workdir: str, grids: Sequence[str] = (),
 
 def check_points(sweep: Sweep, num_devices: int, num_processes: int = 1):
   """Every point's config, or a SweepError naming the first point that cannot run."""
-  from ssl_us import train  # pylint: disable=g-import-not-at-top
+  from ssl_us import parallel, train  # pylint: disable=g-import-not-at-top
+  try:
+    parallel.check_mounted_path(sweep.workdir, "--workdir")
+  except ValueError as e:
+    raise SweepError(str(e)) from None
   configs = {}
   for p in sweep.points:
     c = sweep.config(p)

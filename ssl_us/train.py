@@ -75,6 +75,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
                      f"(got {config.num_steps} and {config.get('num_epochs')})")
   if not config.data.dir:
     raise ValueError("config.data.dir is empty: pass --config.data.dir=<data_prep dataset dir>")
+  parallel.check_mounted_path(config.data.dir, "config.data.dir")
   mb = config.get("microbatches", 1)
   if not isinstance(mb, int) or mb < 1:
     raise ValueError(f"config.microbatches must be an int >= 1, got {mb!r}")
@@ -374,6 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   row (checked at log steps, where metrics reach the host).
   """
   from ssl_us import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  parallel.check_mounted_path(workdir, "workdir")
   setup = build(config, mesh)
   config = setup.config
   os.makedirs(workdir, exist_ok=True)
@@ -381,6 +383,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   dataset = {"dir": config.data.dir, "split": setup.index.split,
              "records": setup.index.num_records, "videos": setup.index.num_videos,
              "digest": input_pipeline.content_digest(setup.index)}
+  # Several processes: one command, one dataset (a copy per host may sit elsewhere), one workdir.
+  parallel.check_processes_agree({
+      "config": json.dumps({k: v for k, v in ckpt_lib.flat_config(config).items()
+                            if k != "data.dir"}, sort_keys=True),
+      f"dataset (the {setup.index.split} records of data.dir)": dataset["digest"]})
+  parallel.check_shared_folder(workdir, "workdir")
   ckpt_lib.check_resume(workdir, config, dataset, log_fn=say)
   ckpt_lib.save_config(workdir, config, dataset)
 
@@ -402,7 +410,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   writer = writers.create_writer(os.path.join(workdir, "logs"),
                                  just_logging=jax.process_index() > 0)
   if start == 0:
-    writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
+    writer.write_hparams({k: str(v) for k, v in ckpt_lib.flat_config(config).items()})
 
   end = config.num_steps if max_steps is None else min(config.num_steps, max_steps)
   history: dict[str, Any] = {}
@@ -475,16 +483,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   progress.close()
   history["final_step"] = last
   return history
-
-
-def _flatten(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 class _Progress:

@@ -24,14 +24,16 @@ def _free_port():
 
 
 def _launch(tmp_path, data, wd, tag, steps=3, workers=0, pace=0.0):
+  """The two processes; ``data`` and ``wd`` one path for both, or a pair (one each)."""
+  data, wd = ((x, x) if isinstance(x, str) else x for x in (data, wd))
   port = _free_port()
   # No persistent compilation cache: a cache hit in one process and a compile in the other
   # desynchronises the processes' collectives.
   env = {k: v for k, v in os.environ.items()
          if k != "XLA_FLAGS" and not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
   return [subprocess.Popen(
-      [sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), "2", str(port), data,
-       wd, str(tmp_path / f"{tag}{i}.json"), str(steps), str(workers), str(pace)],
+      [sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), "2", str(port),
+       data[i], wd[i], str(tmp_path / f"{tag}{i}.json"), str(steps), str(workers), str(pace)],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
       start_new_session=True) for i in range(2)]
 
@@ -55,6 +57,28 @@ def test_two_processes_equal_one_process(tmp_path):
   # Both processes' iterator states were checkpointed.
   step_dir = tmp_path / "wd" / "checkpoints" / "3" / "data"
   assert len([f for f in os.listdir(step_dir) if "process" in f]) == 2, os.listdir(step_dir)
+
+
+def test_processes_refuse_a_workdir_or_dataset_they_do_not_share(tmp_path):
+  """What a pod's hosts must share, checked before the first step, with the same error on both
+  processes (no hang): a workdir that is one folder for all (two local folders stand for one
+  path on two hosts' own disks), and the same records to plan batches over."""
+  data = fixtures.write_dataset(str(tmp_path / "data"), num_videos=8, frames=4)
+  other = fixtures.write_dataset(str(tmp_path / "other"), num_videos=10, frames=4)
+  wd = str(tmp_path / "wd")
+  cases = [((data, data), (wd, wd + "_host1"),
+            "workdir {wd} is not one folder shared by the 2 processes: process 1 cannot read "
+            "the file process 0 wrote there"),
+           ((data, other), (wd, wd),
+            "process 1 of 2 holds another dataset (the train records of data.dir) than "
+            "process 0")]
+  for datas, wds, message in cases:
+    procs = _launch(tmp_path, datas, wds, "bad")
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, log, w in zip(procs, logs, wds):
+      assert p.returncode != 0 and message.format(wd=w) in log, log[-3000:]
+    assert not os.path.exists(os.path.join(wd, "checkpoints")), os.listdir(wd)
+  assert [f for f in os.listdir(wd) if f.startswith(".ssl_us_shared")] == []
 
 
 def _wait_for_line(proc, prefix, lines):

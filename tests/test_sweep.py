@@ -99,6 +99,18 @@ def test_a_batch_that_does_not_divide_is_an_error_before_any_run(tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
+@pytest.mark.parametrize("workdir,data,message", [
+    ("gs://b/sweep", "/data/x", "--workdir gs://b/sweep is a URL"),
+    ("w", "gs://b/ds", "point loss.temperature=0.1: config.data.dir gs://b/ds is a URL")])
+def test_a_url_is_an_error_before_any_run(tmp_path, monkeypatch, workdir, data, message):
+  monkeypatch.chdir(tmp_path)
+  s = sweep.build_sweep(os.path.join(ROOT, "configs/simclr_muscle.py:runlocal"), workdir,
+                        ["config.loss.temperature=0.1,0.5"], [f"config.data.dir={data}"])
+  with pytest.raises(sweep.SweepError, match=message):
+    sweep.run(s)
+  assert os.listdir(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation metrics by hand.
 

@@ -291,6 +291,20 @@ def test_temperature_error(dataset):
     train.build(config, parallel.make_mesh(1))
 
 
+@pytest.mark.parametrize("where", ["workdir", "data.dir"])
+@pytest.mark.parametrize("url", ["gs://bucket/run", "s3://bucket/run"])
+def test_a_url_is_refused_before_anything_is_written(dataset, tmp_path, monkeypatch, where, url):
+  """os.makedirs('gs://b/run') would make a local folder 'gs:' (lost with the machine)."""
+  monkeypatch.chdir(tmp_path)
+  config = tiny_config(url if where == "data.dir" else dataset)
+  workdir = url if where == "workdir" else str(tmp_path / "wd")
+  what = "workdir" if where == "workdir" else "config.data.dir"
+  with pytest.raises(ValueError, match=f"{what} {url} is a URL; ssl_us reads and writes "
+                                       "through the file system: mount the bucket"):
+    train.train_and_evaluate(config, workdir, mesh=parallel.make_mesh(1))
+  assert os.listdir(tmp_path) == []
+
+
 def _main(*args, cwd=ROOT):
   return subprocess.run([sys.executable, "-m", "ssl_us.main", *args], cwd=cwd,
                         capture_output=True, text=True, timeout=300)
