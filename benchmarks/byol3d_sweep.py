@@ -27,11 +27,12 @@ import argparse
 import ast
 import hashlib
 import json
-import os
 import re
 import time
 
 import numpy as np
+
+from data_prep import files as files_lib
 
 LABEL_KEYS = ("label_a", "label_b")
 
@@ -61,11 +62,10 @@ def export(dir_a: str, dir_b: str, output: str):
   a = data.load_records(dir_a, ("train",))
   b = data.load_records(dir_b, ("train",))
   perm = align(a.images, b.images)
-  tmp = output + ".tmp.npz"
-  np.savez_compressed(tmp, images=a.images, patient=a.patient, video=a.video,
-                      label_a=a.label, names_a=np.array(a.label_names),
-                      label_b=b.label[perm], names_b=np.array(b.label_names))
-  os.replace(tmp, output)
+  with files_lib.atomic_path(output, ".npz") as tmp:
+    np.savez_compressed(tmp, images=a.images, patient=a.patient, video=a.video,
+                        label_a=a.label, names_a=np.array(a.label_names),
+                        label_b=b.label[perm], names_b=np.array(b.label_names))
   print(f"{output}: {a.images.shape} clips of {len(np.unique(a.patient))} patients; labels "
         f"{a.label_names} and {b.label_names}")
 
@@ -119,8 +119,8 @@ def save_features(output: str, meta: dict, feats: dict):
   for w in sorted({v.shape[1] for v in feats.values()}):
     part = {k: v.astype(np.float16) for k, v in feats.items() if v.shape[1] == w}
     path = output.replace(".npz", "") + f"_d{w}.npz"
-    np.savez(path + ".tmp.npz", **meta, **part)
-    os.replace(path + ".tmp.npz", path)
+    with files_lib.atomic_path(path, ".npz") as tmp:
+      np.savez(tmp, **meta, **part)
 
 
 def train(clips: str, output: str, deadline: float, runs: list[str]):

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
+
+from data_prep import files as files_lib
 
 SEVERITY = os.path.join("LICENSES", "covid_blues_severity.csv")
 FINDINGS = {"b_lines": "B-lines", "a_lines": "A-lines"}
@@ -97,12 +100,11 @@ def build_rows(data_dir: str, label: str) -> list[dict[str, str]]:
 
 
 def write_manifest(rows: list[dict[str, str]], output: str) -> None:
-  tmp = output + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-  os.replace(tmp, output)
+  out = io.StringIO()
+  w = csv.DictWriter(out, fieldnames=list(rows[0]))
+  w.writeheader()
+  w.writerows(rows)
+  files_lib.write_text(output, out.getvalue(), newline="")
 
 
 def main(argv=None):

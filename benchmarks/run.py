@@ -20,6 +20,8 @@ import platform
 import subprocess
 import sys
 
+from data_prep import files as files_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> (module, arguments); the step's frame size for input rows comes from 'size'.
@@ -133,8 +135,7 @@ def main(argv=None) -> int:
   print()
   print(table(results))
   if a.json:
-    with open(a.json, "w", encoding="utf-8") as f:
-      json.dump({"header": header, "results": results}, f, indent=1)
+    files_lib.write_json(a.json, {"header": header, "results": results})
   return 0
 
 

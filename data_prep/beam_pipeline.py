@@ -43,6 +43,7 @@ import uuid
 
 from data_prep import config as config_lib
 from data_prep import dataset as dataset_lib
+from data_prep import files as files_lib
 from data_prep import pipeline
 from data_prep import splits as splits_lib
 from data_prep import worker as worker_lib
@@ -230,7 +231,7 @@ def _finalize(_, cfg, t0, workers, prep, audits, written, plan):
     run = pipeline.run_summary("beam", len(prep.jobs), 0, 0, workers, time.time() - t0, counts)
     pipeline.finish(cfg, prep, final, plan, run, work)
   except pipeline.BuildError as e:
-    writer_lib.write_text_atomic(work.file(FAILURE), str(e))
+    files_lib.write_text(work.file(FAILURE), str(e))
 
 
 def build(cfg: config_lib.BuildConfig, work: pipeline.WorkDir, salt: bytes) -> dict:

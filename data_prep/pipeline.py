@@ -37,12 +37,12 @@ import numpy as np
 
 from data_prep import config as config_lib
 from data_prep import dataset as dataset_lib
+from data_prep import files as files_lib
 from data_prep import manifest
 from data_prep import readers
 from data_prep import report as report_lib
 from data_prep import splits as splits_lib
 from data_prep import worker as worker_lib
-from data_prep import writer as writer_lib
 
 WORK = ".data_prep_work"
 REPORT = "report"
@@ -194,7 +194,7 @@ def resolve_salt(cfg: config_lib.BuildConfig, work: WorkDir) -> bytes:
     return cfg.salt.encode("utf-8")
   path = work.file("salt")
   if not os.path.exists(path):
-    writer_lib.write_text_atomic(path, secrets.token_hex(32))
+    files_lib.write_text(path, secrets.token_hex(32), mode=0o600)
   with open(path, encoding="utf-8") as f:
     return f.read().strip().encode("utf-8")
 
@@ -235,7 +235,7 @@ def start_work(cfg: config_lib.BuildConfig, work: WorkDir, salt: bytes, digest: 
       if name != "salt":
         _remove(work.file(name))
   work.make()
-  writer_lib.write_json_atomic(path, want)
+  files_lib.write_json(path, want)
 
 
 def _remove(path: str) -> None:
@@ -616,7 +616,7 @@ def merge(cfg: config_lib.BuildConfig, prep: Prepared, work: WorkDir, run: dict)
       plan = json.load(f)
   else:
     plan = make_merge_plan(cfg, pieces)
-    writer_lib.write_json_atomic(plan_path, plan)
+    files_lib.write_json(plan_path, plan)
   execute_merge_plan(plan, work, cfg.dataset_dir)
   return finish(cfg, prep, final, plan, run, work)
 
@@ -629,7 +629,7 @@ def write_id_key(cfg: config_lib.BuildConfig, listed: Listing | Prepared) -> Non
   w.writerow(["video_id", "patient", "path"])
   for e in listed.inputs.entries:
     w.writerow([e.video_id, listed.redactor.patient(e.patient_id), e.path])
-  writer_lib.write_text_atomic(os.path.abspath(cfg.id_key), out.getvalue(), mode=0o600)
+  files_lib.write_text(os.path.abspath(cfg.id_key), out.getvalue(), mode=0o600)
 
 
 def write_id_key_of_finished(cfg: config_lib.BuildConfig, report: dict) -> None:
@@ -674,8 +674,8 @@ def finish(cfg: config_lib.BuildConfig, prep: Prepared, final: dict, plan: dict,
   report["salt_check"] = config_lib.salt_digest(prep.redactor.salt) if cfg.salt else None
   report_dir = os.path.join(cfg.dataset_dir, REPORT)
   os.makedirs(report_dir, exist_ok=True)
-  writer_lib.write_json_atomic(os.path.join(report_dir, "report.json"), report)
-  writer_lib.write_text_atomic(os.path.join(report_dir, "summary.txt"),
+  files_lib.write_json(os.path.join(report_dir, "report.json"), report)
+  files_lib.write_text(os.path.join(report_dir, "summary.txt"),
                                report_lib.summary_text(report))
   if not plan:
     raise BuildError(f"no records written: all {len(prep.inputs.entries)} inputs were rejected; "

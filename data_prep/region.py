@@ -39,6 +39,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
+from data_prep import files as files_lib
+
 WORK_SIZE = 256
 DYNAMIC_THRESHOLD = 2
 BRIGHT_THRESHOLD = 12.0
@@ -141,9 +143,8 @@ def save_preview(frame: np.ndarray, region: Region, size: tuple[int, int], path)
   canvas[:after.shape[0], before.shape[1] + gap:] = after
   path = os.fspath(path)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  Image.fromarray(canvas).save(tmp, format="PNG")
-  os.replace(tmp, path)
+  with files_lib.atomic_path(path) as tmp:
+    Image.fromarray(canvas).save(tmp, format="PNG")
 
 
 def _dynamic(small: np.ndarray) -> np.ndarray:

@@ -56,6 +56,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from data_prep import files as files_lib
+
 CLASSES = ("normal", "b_lines", "consolidation")
 ANATOMY_COARSE = ("pleura", "rib_shadow")
 ANATOMY_FINE = ("a_lines", "b_lines", "consolidation", "pleura_only", "rib_shadow")
@@ -520,19 +522,6 @@ def make_video(seed: int, spec: VideoSpec, frames: int, size: int) -> Video:
   return render_video(rng, patient, spec, frames, size)
 
 
-def _replace_when_done(path: str, write):
-  """Calls write(tmp_path), then renames tmp_path to path; removes tmp_path on failure."""
-  directory, name = os.path.split(path)
-  tmp = os.path.join(directory, f".{name}.partial")
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
   """uint8 (F, H, W) grayscale frames -> h264 mp4 bytes (yuv420p, crf CRF, one thread)."""
   buf = io.BytesIO()
@@ -549,26 +538,23 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
 
 
 def _write_bytes(path: str, data: bytes):
-  def write(tmp):
+  with files_lib.atomic_path(path) as tmp:
     with open(tmp, "wb") as f:
       f.write(data)
-  _replace_when_done(path, write)
 
 
 def _write_csv(path: str, columns, rows):
-  def write(tmp):
-    with open(tmp, "w", newline="") as f:
-      w = csv.writer(f)
-      w.writerow(columns)
-      w.writerows(rows)
-  _replace_when_done(path, write)
+  out = io.StringIO()
+  w = csv.writer(out)
+  w.writerow(columns)
+  w.writerows(rows)
+  files_lib.write_text(path, out.getvalue(), newline="")
 
 
 def _write_masks(path: str, masks: np.ndarray):
-  def write(tmp):
+  with files_lib.atomic_path(path) as tmp:
     with open(tmp, "wb") as f:
       np.savez_compressed(f, masks=masks, class_names=np.array(MASK_CLASSES))
-  _replace_when_done(path, write)
 
 
 def _check_args(num_patients, videos_per_patient, frames, size, seed, fps):

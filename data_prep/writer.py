@@ -142,26 +142,3 @@ class ShardWriter:
     """Close and delete the temporary file."""
     self._f.close()
     os.remove(self.tmp_path)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Write JSON to path via a temporary name, fsync'ed, then renamed."""
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1, ensure_ascii=False)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def write_text_atomic(path: str, text: str, mode: int | None = None) -> None:
-  """Write text to path via a temporary name, then renamed; ``mode`` (e.g. 0o600) is set
-  before the first byte is written."""
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    if mode is not None:
-      os.fchmod(f.fileno(), mode)
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)

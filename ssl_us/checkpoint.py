@@ -43,12 +43,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from data_prep import files as files_lib
+
 
 def _write_json(path, obj):
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  files_lib.write_json(path, obj, sort_keys=True)
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict, dataset: dict | None = None):

@@ -38,11 +38,13 @@ import logging
 import os
 import re
 import struct
+import zipfile
 from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
+from data_prep import files as files_lib
 from data_prep import schema
 
 _HEADER = 12  # uint64 length + uint32 masked crc of the length
@@ -278,12 +280,17 @@ def load_index(dataset_dir: str, split: str, *, cache: bool = True) -> RecordInd
   key = _cache_key(files)
   cache_path = os.path.join(dataset_dir, ".index", f"{split}.npz")
   if cache and os.path.exists(cache_path):
-    with np.load(cache_path, allow_pickle=False) as z:
-      if str(z["key"]) == key:
-        return RecordIndex(
-            dataset_dir=dataset_dir, split=split, files=tuple(files),
-            video_ids=tuple(z["video_ids"].tolist()), patients=tuple(z["patients"].tolist()),
-            metadata=metadata, **{k: z[k] for k in _INDEX_ARRAYS})
+    try:
+      with np.load(cache_path, allow_pickle=False) as z:
+        if str(z["key"]) == key:
+          return RecordIndex(
+              dataset_dir=dataset_dir, split=split, files=tuple(files),
+              video_ids=tuple(z["video_ids"].tolist()), patients=tuple(z["patients"].tolist()),
+              metadata=metadata, **{k: z[k] for k in _INDEX_ARRAYS})
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+      # a damaged cache (its zip CRCs and structure are checked) is a cache miss
+      logging.warning("%s: damaged record index cache (%s: %s); rebuilding it", cache_path,
+                      type(e).__name__, e)
   cols = {k: [] for k in _INDEX_ARRAYS}
   videos: dict[str, int] = {}
   patients: dict[str, int] = {}
@@ -353,11 +360,10 @@ def _canonical(arrays: dict, video_ids: tuple, patient_ids: tuple):
 def _write_cache(path, key, index: RecordIndex):
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, key=np.asarray(key), video_ids=np.asarray(index.video_ids, dtype=str),
-             patients=np.asarray(index.patients, dtype=str),
-             **{k: getattr(index, k) for k in _INDEX_ARRAYS})
-    os.replace(tmp, path)
+    with files_lib.atomic_path(path, ".npz") as tmp:  # every process of a run writes it
+      np.savez(tmp, key=np.asarray(key), video_ids=np.asarray(index.video_ids, dtype=str),
+               patients=np.asarray(index.patients, dtype=str),
+               **{k: getattr(index, k) for k in _INDEX_ARRAYS})
   except OSError as e:  # e.g. a read-only dataset directory: the index stays in memory
     logging.warning("%s: could not cache the record index (%s); it is rebuilt next time",
                     path, e)

@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from data_prep import files as files_lib
+
 DATA = "data"
 
 
@@ -124,9 +126,7 @@ def check_shared_folder(path: str, what: str) -> None:
       np.frombuffer(secrets.token_bytes(16), np.uint8)), np.uint8)).hex()
   probe = os.path.join(path, f".ssl_us_shared_{token}")
   if jax.process_index() == 0:
-    with open(f"{probe}.tmp", "w") as f:
-      f.write(token)
-    os.replace(f"{probe}.tmp", probe)
+    files_lib.write_text(probe, token)
   mh.sync_global_devices(f"ssl_us_shared_written_{token}")
   try:
     with open(probe) as f:

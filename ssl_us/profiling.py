@@ -28,6 +28,8 @@ import time
 
 import jax
 
+from data_prep import files as files_lib
+
 # Lines that the profiler derives from other lines (they would count every op twice); 'XLA Ops'
 # is read only where no other line holds the ops (``_plane_ops``).
 _DERIVED_LINES = ("XLA Ops", "XLA Modules", "Steps", "Framework Ops", "Framework Name Scope",
@@ -93,9 +95,7 @@ class StepTrace:
     path = trace_files(self.logdir)[-1]
     s = summarize(path, steps=self.traced, wall_s=wall)
     out = os.path.join(os.path.dirname(path), "summary.md")
-    with open(out + ".tmp", "w") as f:
-      f.write(markdown(s, title=f"Steps {self.first + 1}-{last}"))
-    os.replace(out + ".tmp", out)
+    files_lib.write_text(out, markdown(s, title=f"Steps {self.first + 1}-{last}"))
     self.files = (path, out)
     self.say(f"profile of steps {self.first + 1}-{last}: {s['wall_ms_per_step']:.1f} ms/step, "
              f"XLA ops {s['op_ms_per_step']:.1f} ms/step on {s['where']}; top op "

@@ -21,6 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
+from data_prep import files as files_lib
 from ssl_us import augment, augment_video, input_pipeline
 from ssl_us.methods.simclr_video import make_clip_sampler
 
@@ -98,9 +99,8 @@ def write_png(path: str, image: Image.Image):
   """Written to a temporary name in the same folder, then renamed."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}.png")
-  image.save(tmp, format="PNG")
-  os.replace(tmp, path)
+  with files_lib.atomic_path(path) as tmp:
+    image.save(tmp, format="PNG")
 
 
 def render(config, num_clips: int, seed: int, zoom: int) -> Image.Image:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
+import io
 import functools
 import itertools
 import json
@@ -58,6 +59,8 @@ from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
+
+from data_prep import files as files_lib
 
 POINT_FILE = "sweep_point.json"
 # Metrics of the report; True: higher is better.
@@ -307,10 +310,7 @@ def check_points(sweep: Sweep, num_devices: int, num_processes: int = 1):
 
 
 def _write_json(path: str, obj):
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)   # insertion order: overrides in the sweep's key order
-  os.replace(tmp, path)
+  files_lib.write_json(path, obj)   # insertion order: overrides in the sweep's key order
 
 
 def read_point(point_dir: str) -> dict | None:
@@ -697,13 +697,12 @@ def over_seeds(rows: list[dict], keys: Sequence[str]) -> list[dict]:
 
 
 def _write_csv(path, fields, rows):
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=fields)
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: _fmt(v) if isinstance(v, (tuple, list)) else v for k, v in r.items()})
-  os.replace(tmp, path)
+  out = io.StringIO()
+  w = csv.DictWriter(out, fieldnames=fields)
+  w.writeheader()
+  for r in rows:
+    w.writerow({k: _fmt(v) if isinstance(v, (tuple, list)) else v for k, v in r.items()})
+  files_lib.write_text(path, out.getvalue(), newline="")
 
 
 def _cell(v) -> str:
@@ -718,10 +717,7 @@ def _write_md(path, fields, rows, numeric):
     cells = [f"`{r[k]}`" if k == "command" and r[k] else
              _cell(r[k]) if k in numeric else _cell(_fmt(r[k])) for k in fields]
     lines.append("| " + " | ".join(cells) + " |")
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(tmp, path)
+  files_lib.write_text(path, "\n".join(lines) + "\n")
 
 
 def _best(values, higher):

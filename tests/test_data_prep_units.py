@@ -1,6 +1,7 @@
 """data_prep building blocks: sampling plans, patient splits, inputs, record files, options."""
 import collections
 import io
+import json
 import os
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from PIL import Image
 
 from data_prep import config as config_lib
+from data_prep import files
 from data_prep import manifest
 from data_prep import sampling
 from data_prep import splits
@@ -423,3 +425,31 @@ def test_config_checks_options(tmp_path):
   with pytest.raises(ValueError, match="manifest .csv"):
     (tmp_path / "list.txt").write_text("a.mp4\n")
     config_lib.BuildConfig.create(str(tmp_path / "list.txt"), "o")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files written whole or not at all (data_prep/files.py).
+
+
+def test_atomic_files_appear_whole_or_not_at_all(tmp_path):
+  target = str(tmp_path / "report.json")
+  files.write_json(target, {"a": [1, 2], "é": "ü"})
+  assert open(target, encoding="utf-8").read() == '{\n "a": [\n  1,\n  2\n ],\n "é": "ü"\n}'
+  # a failure half-way leaves the previous file as it was, and no temporary file
+  with pytest.raises(RuntimeError, match="disk full"):
+    with files.atomic_path(target) as tmp:
+      with open(tmp, "w") as f:
+        f.write('{"half": ')
+      raise RuntimeError("disk full")
+  assert json.load(open(target, encoding="utf-8")) == {"a": [1, 2], "é": "ü"}
+  assert os.listdir(tmp_path) == ["report.json"]
+  # two writers of one path (processes on two hosts) never share a temporary file
+  with files.atomic_path(target, ".npz") as t1, files.atomic_path(target, ".npz") as t2:
+    assert t1 != t2 and os.path.dirname(t1) == str(tmp_path)
+    assert os.path.basename(t1).startswith(".report.json.") and t1.endswith(".tmp.npz")
+    for t, text in ((t1, "one"), (t2, "two")):
+      open(t, "w").write(text)
+  assert open(target).read() == "one" and os.listdir(tmp_path) == ["report.json"]
+  key = str(tmp_path / "key.csv")
+  files.write_text(key, "video_id\n", mode=0o600)
+  assert os.stat(key).st_mode & 0o777 == 0o600

@@ -1,4 +1,5 @@
 """The grain input pipeline over shards: index, samplers, process slicing, state, errors."""
+import logging
 import os
 import re
 
@@ -39,6 +40,34 @@ def test_index_cache_is_used_and_invalidated(dataset):
   b = ip.load_index(dataset, "train")
   np.testing.assert_array_equal(a.offset, b.offset)
   assert a.video_ids == b.video_ids
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "not a zip"])
+def test_a_damaged_index_cache_is_rebuilt(tmp_path, caplog, damage):
+  """A cache cut short, changed or overwritten is a cache miss, never a crash or a wrong index,
+  and no temporary file stays behind."""
+  d = fixtures.write_dataset(str(tmp_path / "d"), num_videos=6, frames=3)
+  fresh = ip.load_index(d, "train", cache=False)
+  ip.load_index(d, "train")
+  cache = os.path.join(d, ".index", "train.npz")
+  b = bytearray(open(cache, "rb").read())
+  if damage == "truncated":
+    b = b[:len(b) // 2]
+  elif damage == "flipped byte":
+    b[len(b) // 2] ^= 0x10
+  else:
+    b = bytearray(b"\x00" * 64)
+  open(cache, "wb").write(bytes(b))
+  with caplog.at_level(logging.WARNING):
+    index = ip.load_index(d, "train")
+  assert "damaged record index cache" in caplog.text
+  for k in ("offset", "video", "patient", "frame_index", "label"):
+    np.testing.assert_array_equal(getattr(index, k), getattr(fresh, k))
+  assert index.video_ids == fresh.video_ids
+  caplog.clear()
+  ip.load_index(d, "train")                      # rewritten whole: read without a warning
+  assert "damaged" not in caplog.text
+  assert os.listdir(os.path.join(d, ".index")) == ["train.npz"]
 
 
 def _all_batches(index, sampler, n, **kw):

@@ -20,13 +20,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from data_prep import files as files_lib  # pylint: disable=wrong-import-position
+
 
 def _save(fig, path: str):
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}.png"
-  fig.savefig(tmp, dpi=120, bbox_inches="tight")
+  with files_lib.atomic_path(path, ".png") as tmp:
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def label_fraction_curve(summary: Sequence[Mapping], metrics: Sequence[str], path: str,

@@ -7,13 +7,12 @@ import math
 import os
 from typing import Mapping, Sequence
 
+from data_prep import files as files_lib
+
 
 def _atomic_write(path: str, text: str):
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", newline="") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  files_lib.write_text(path, text, newline="")
 
 
 def write_csv(path: str, rows: Sequence[Mapping], columns: Sequence[str] | None = None):
