@@ -291,6 +291,14 @@ def load_index(dataset_dir: str, split: str, *, cache: bool = True) -> RecordInd
       # a damaged cache (its zip CRCs and structure are checked) is a cache miss
       logging.warning("%s: damaged record index cache (%s: %s); rebuilding it", cache_path,
                       type(e).__name__, e)
+  index = _build_index(dataset_dir, split, files, metadata)
+  if cache:
+    _write_cache(cache_path, key, index)
+  return index
+
+
+def _build_index(dataset_dir: str, split: str, files: list[str], metadata: dict) -> RecordIndex:
+  """One pass over the split's shards: every record's CRC, header fields and position."""
   cols = {k: [] for k in _INDEX_ARRAYS}
   videos: dict[str, int] = {}
   patients: dict[str, int] = {}
@@ -319,11 +327,8 @@ def load_index(dataset_dir: str, split: str, *, cache: bool = True) -> RecordInd
   dtypes = dict(file_id=np.int32, video=np.int32, patient=np.int32, num_frames=np.int32)
   arrays = {k: np.asarray(v, dtypes.get(k, np.int64)) for k, v in cols.items()}
   arrays, video_ids, patient_ids = _canonical(arrays, tuple(videos), tuple(patients))
-  index = RecordIndex(dataset_dir=dataset_dir, split=split, files=tuple(files),
-                      video_ids=video_ids, patients=patient_ids, metadata=metadata, **arrays)
-  if cache:
-    _write_cache(cache_path, key, index)
-  return index
+  return RecordIndex(dataset_dir=dataset_dir, split=split, files=tuple(files),
+                     video_ids=video_ids, patients=patient_ids, metadata=metadata, **arrays)
 
 
 def content_digest(index: RecordIndex) -> str:

@@ -94,6 +94,22 @@ def _multihost_utils():
   return multihost_utils
 
 
+def process_0_first(fn):
+  """``fn()`` on process 0, then on the others: e.g. process 0 builds a cache the others read.
+  An error on process 0 is raised after the others have been let go (they meet their own, not
+  a wait without end). ``fn()`` alone with one process."""
+  if jax.process_count() == 1:
+    return fn()
+  mh = _multihost_utils()
+  if jax.process_index() > 0:
+    mh.sync_global_devices("ssl_us_process_0_first")
+    return fn()
+  try:
+    return fn()
+  finally:
+    mh.sync_global_devices("ssl_us_process_0_first")
+
+
 def check_processes_agree(values: dict[str, str]) -> None:
   """A ValueError on every process unless each holds the same ``values`` (name -> text, e.g. the
   config, the dataset's hash) as process 0: processes that plan batches over different records

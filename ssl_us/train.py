@@ -241,7 +241,10 @@ def build(config, mesh=None) -> Setup:
   mesh = mesh or parallel.make_mesh(config.get("num_devices") or None)
   validate_config(config, mesh.size, jax.process_count())
   method = make_method(config, axis_name=parallel.DATA)
-  index = input_pipeline.load_index(config.data.dir, config.data.split)
+  # Several processes: process 0 reads every shard once to index (and cache) the split, then
+  # the others read its cache, not each the whole dataset again.
+  index = parallel.process_0_first(
+      lambda: input_pipeline.load_index(config.data.dir, config.data.split))
   if config.get("num_epochs", 0) > 0:
     per_epoch = input_pipeline.steps_per_epoch(index, method.sampler, config.batch_size,
                                                config.seed)

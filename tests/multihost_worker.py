@@ -6,8 +6,8 @@
 Each process has 4 fake CPU devices; jax.distributed joins them into one 8-device mesh with gloo
 CPU collectives. Trains test_train's tiny config (NUM_STEPS, default 3; checkpoints every 3
 steps and at the end; NUM_WORKERS grain worker processes, default 0), resuming from WORKDIR,
-prints every log line (then sleeps PACE_S, so a test can signal it at a chosen step) and writes
-the history to OUT_JSON.
+prints every log line (then sleeps PACE_S, so a test can signal it at a chosen step) and when it
+reads shards to index them, and writes the history to OUT_JSON.
 """
 import json
 import os
@@ -25,8 +25,14 @@ def main(pid, nproc, port, data_dir, workdir, out, num_steps="3", num_workers="0
   jax.distributed.initialize(coordinator_address=f"localhost:{port}",
                              num_processes=int(nproc), process_id=int(pid))
 
-  from ssl_us import parallel, train  # pylint: disable=g-import-not-at-top
+  from ssl_us import input_pipeline, parallel, train  # pylint: disable=g-import-not-at-top
   from tests import test_train  # pylint: disable=g-import-not-at-top
+
+  build_index = input_pipeline._build_index  # pylint: disable=protected-access
+  def say_when_indexing(dataset_dir, split, *args):
+    print(f"process {pid} indexes the {split} shards", flush=True)
+    return build_index(dataset_dir, split, *args)
+  input_pipeline._build_index = say_when_indexing  # pylint: disable=protected-access
 
   def log(msg):
     print(msg, flush=True)

@@ -47,8 +47,10 @@ def _finish(procs, tmp_path, tag):
 
 def test_two_processes_equal_one_process(tmp_path):
   data = fixtures.write_dataset(str(tmp_path / "data"), num_videos=8, frames=4)
-  outs, _ = _finish(_launch(tmp_path, data, str(tmp_path / "wd"), "out"), tmp_path, "out")
+  outs, logs = _finish(_launch(tmp_path, data, str(tmp_path / "wd"), "out"), tmp_path, "out")
   assert outs[0]["devices"] == 8 and outs[0]["local"] == 4
+  # process 0 alone read the shards to index them; process 1 read its cache
+  assert ["indexes the train shards" in log for log in logs] == [True, False], logs
   np.testing.assert_allclose(outs[0]["loss"], outs[1]["loss"])
   # The same global batches on one process with 8 devices.
   single = train.train_and_evaluate(test_train.tiny_config(data, num_steps=3),
