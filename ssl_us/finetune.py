@@ -34,6 +34,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from data_prep import files as files_lib
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Downstream config file.",
                                           lock_config=True)
 flags.mark_flags_as_required(["config"])
@@ -463,7 +465,13 @@ def run_embed(config) -> dict:
   report.write_text(path(".md"), _header(config, description) + report.markdown_table(
       [row], ["color_by", "knn_k", "knn_accuracy", "records", "feature_dim"],
       ["labels", "k", "kNN accuracy", "records", "feature dim"]))
-  return {"csv": path(".csv"), "markdown": path(".md"), "plot": path(".png")}
+  out = {"csv": path(".csv"), "markdown": path(".md"), "plot": path(".png")}
+  if ec.get("save_features", True):  # the features the kNN accuracy was computed from
+    out["features"] = path("_features.npz")
+    with files_lib.atomic_path(out["features"], ".npz") as tmp:
+      np.savez(tmp, features=np.asarray(feats, np.float32), label=y, label_names=np.array(names),
+               video=recs.video[keep], patient=groups, frame_index=recs.frame_index[keep])
+  return out
 
 
 TASKS = {"classify": run_classify, "retrieval": run_retrieval, "saliency": run_saliency,

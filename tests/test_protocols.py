@@ -312,6 +312,42 @@ def test_random_init_is_the_same_code_path(workdirs):
     finetune.load_encoder(_ft_config("random"), example)
 
 
+def test_embed_writes_the_features_its_knn_accuracy_comes_from(workdirs, tmp_path):
+  """The embed task's features file: one row per labelled record, in the records' order, with
+  its video, patient, first frame and label; the kNN accuracy it reports is that of these
+  features. embed.save_features=False writes none."""
+  import csv
+
+  from configs.finetune import embeddings as embed_config
+  from ssl_us.eval import data, embeddings
+  wd = workdirs["simclr"]
+  c = embed_config.get_config()
+  c.init_from = wd
+  c.data.dir = checkpoint.load_config(wd).data.dir
+  c.image_size = (16, 16)
+  c.embed.update(knn_k=3, folds=2, max_points=20)
+  c.output_dir = str(tmp_path / "a")
+  out = finetune.run(c)
+  z = np.load(out["features"])
+  recs = data.load_records(c.data.dir, tuple(c.data.splits))
+  keep = recs.label >= 0
+  assert keep.sum() == 32 and z["features"].shape == (32, 8) and z["features"].dtype == np.float32
+  assert np.isfinite(z["features"]).all() and z["features"].std(axis=0).min() > 0
+  for k in ("video", "patient", "frame_index", "label"):
+    np.testing.assert_array_equal(z[k], getattr(recs, k)[keep])
+  assert list(z["label_names"]) == list(recs.label_names)
+  with open(out["csv"]) as f:
+    row = next(csv.DictReader(f))
+  mean, std = embeddings.knn_accuracy_cv(z["features"], z["label"], z["patient"], 3, 2,
+                                         c.eval.split_seed)
+  assert (float(row["knn_accuracy_mean"]), float(row["knn_accuracy_std"])) == pytest.approx(
+      (mean, std), abs=1e-6)
+  c.embed.save_features = False
+  c.output_dir = str(tmp_path / "b")
+  assert "features" not in finetune.run(c)
+  assert not [f for f in os.listdir(tmp_path / "b") if "features" in f]
+
+
 @pytest.mark.parametrize("hidden", [(), (5,)])
 def test_folded_standardization_equals_the_head_on_standardized_features(hidden):
   rng = np.random.default_rng(0)

@@ -51,7 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
       fit=ml_collections.ConfigDict(dict(steps=500, lr=1e-3, batch_size=16)),
       split=ml_collections.ConfigDict(dict(train=0.8, test=0.2)), num_overlays=4))
   c.embed = ml_collections.ConfigDict(dict(color_by="label", knn_k=20, folds=5,
-                                           max_points=2000))
+                                           max_points=2000,
+                                           save_features=True))  # <prefix>_features.npz
   c.output_dir = ""               # default <init_from>/downstream
   c.output_prefix = ""            # default downstream_<name>
   c.compilation_cache = ""        # a folder enables JAX's persistent compilation cache

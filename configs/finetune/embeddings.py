@@ -1,5 +1,8 @@
 r"""A quick look at any checkpoint: kNN accuracy (patient-grouped folds) and a t-SNE plot of the
-frozen features coloured by label (paper 002 Fig. 5).
+frozen features coloured by label (paper 002 Fig. 5). The features themselves, one row per
+labelled record with its video, patient, first frame and label, go to
+<output>/downstream_embeddings_features.npz for analyses elsewhere (embed.save_features=False:
+not written).
 
   python -m ssl_us.finetune --config configs/finetune/embeddings.py \
       --config.init_from=WORKDIR --config.data.dir=/path/to/dataset/1.0.0
