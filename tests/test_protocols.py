@@ -1,5 +1,6 @@
 """Protocols: blocks, masks, frozen parameters and statistics unchanged, trainable ones changed;
 encoders loaded from every pretraining method."""
+import logging
 import os
 
 import flax.linen as nn
@@ -312,10 +313,11 @@ def test_random_init_is_the_same_code_path(workdirs):
     finetune.load_encoder(_ft_config("random"), example)
 
 
-def test_embed_writes_the_features_its_knn_accuracy_comes_from(workdirs, tmp_path):
+def test_embed_writes_the_features_its_knn_accuracy_comes_from(workdirs, tmp_path, caplog):
   """The embed task's features file: one row per labelled record, in the records' order, with
   its video, patient, first frame and label; the kNN accuracy it reports is that of these
-  features. embed.save_features=False writes none."""
+  features. embed.save_features=False writes none. Asked-for splits the dataset lacks are
+  named."""
   import csv
 
   from configs.finetune import embeddings as embed_config
@@ -327,7 +329,9 @@ def test_embed_writes_the_features_its_knn_accuracy_comes_from(workdirs, tmp_pat
   c.image_size = (16, 16)
   c.embed.update(knn_k=3, folds=2, max_points=20)
   c.output_dir = str(tmp_path / "a")
-  out = finetune.run(c)
+  with caplog.at_level(logging.WARNING):
+    out = finetune.run(c)
+  assert "no shards for the splits ['val', 'test']; using ['train']" in caplog.text
   z = np.load(out["features"])
   recs = data.load_records(c.data.dir, tuple(c.data.splits))
   keep = recs.label >= 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import logging
 import os
 
 import numpy as np
@@ -53,6 +54,9 @@ def load_records(dataset_dir: str, splits: tuple[str, ...]) -> Records:
   found = _existing_splits(dataset_dir, splits)
   if not found:
     raise FileNotFoundError(f"{dataset_dir}: none of the splits {list(splits)} has shards")
+  if len(found) < len(splits):  # e.g. no 'val' in a train/test build, or a misspelt name
+    logging.warning("%s: no shards for the splits %s; using %s", dataset_dir,
+                    [s for s in splits if s not in found], found)
   cols = {k: [] for k in ("images", "label", "video", "patient", "exam", "side", "frame_index",
                           "anatomy_fine")}
   metadata = {}
