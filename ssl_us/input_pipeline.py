@@ -278,7 +278,7 @@ def load_index(dataset_dir: str, split: str, *, cache: bool = True) -> RecordInd
     with open(meta_path) as f:
       metadata = json.load(f)
   key = _cache_key(files)
-  cache_path = os.path.join(dataset_dir, ".index", f"{split}.npz")
+  cache_path = _cache_path(dataset_dir, split)
   if cache and os.path.exists(cache_path):
     try:
       with np.load(cache_path, allow_pickle=False) as z:
@@ -295,6 +295,10 @@ def load_index(dataset_dir: str, split: str, *, cache: bool = True) -> RecordInd
   if cache:
     _write_cache(cache_path, key, index)
   return index
+
+
+def _cache_path(dataset_dir: str, split: str) -> str:
+  return os.path.join(dataset_dir, ".index", f"{split}.npz")
 
 
 def _build_index(dataset_dir: str, split: str, files: list[str], metadata: dict) -> RecordIndex:
@@ -590,7 +594,8 @@ class DevicePrefetch:
 
 def main(argv=None) -> int:
   """Checks every split of a data_prep dataset: its shards all present, each one's record count
-  as dataset_info.json says, every record's CRC and parse; 1 if any fails."""
+  as dataset_info.json says, every record's CRC and parse; 1 if any fails. A split that passes
+  has its index cached anew, so that training (on every host) starts without reading it."""
   import argparse  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(prog="python -m ssl_us.input_pipeline", description=main.__doc__)
   p.add_argument("dataset_dir", help="a data_prep dataset (<output>/<name>/<version>)")
@@ -604,6 +609,7 @@ def main(argv=None) -> int:
   for split in splits:
     try:
       index = load_index(args.dataset_dir, split, cache=False)
+      _write_cache(_cache_path(args.dataset_dir, split), _cache_key(index.files), index)
       print(f"{split}: {len(index.files)} shards, {index.num_records:,} records of "
             f"{index.num_videos:,} videos, {sum(os.path.getsize(f) for f in index.files):,} "
             "bytes, as written")

@@ -414,7 +414,9 @@ def test_the_dataset_check_command(png_and_raw, tmp_path, capsys):
   import shutil  # pylint: disable=g-import-not-at-top
   ddir = str(tmp_path / "png")
   shutil.copytree(png_and_raw["png"], ddir)
+  shutil.rmtree(os.path.join(ddir, ".index"), ignore_errors=True)
   assert ip.main([ddir]) == 0
+  assert os.listdir(os.path.join(ddir, ".index")) == ["train.npz"]   # training reads it
   out = capsys.readouterr().out.splitlines()
   assert out == [f"train: 1 shards, 24 records of 6 videos, "
                  f"{os.path.getsize(ip.load_index(ddir, 'train').files[0]):,} bytes, as written",
