@@ -369,7 +369,7 @@ def _canonical(arrays: dict, video_ids: tuple, patient_ids: tuple):
 def _write_cache(path, key, index: RecordIndex):
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with files_lib.atomic_path(path, ".npz") as tmp:  # every process of a run writes it
+    with files_lib.atomic_path(path, ".npz") as tmp:  # processes on other hosts may write it too
       np.savez(tmp, key=np.asarray(key), video_ids=np.asarray(index.video_ids, dtype=str),
                patients=np.asarray(index.patients, dtype=str),
                **{k: getattr(index, k) for k in _INDEX_ARRAYS})
