@@ -26,6 +26,18 @@ def stripes(rng, cls, size, phase):
   return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
+def paths_below(root: str) -> list[str]:
+  """Every file and folder below ``root``, hidden ones included (glob's '**/*' skips those)."""
+  return [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files]
+
+
+def temporary_files(root: str) -> list[str]:
+  """Every file below ``root`` named as written but not yet complete: shards' '.tmp' and the
+  hidden '.<name>.<random>.tmp<ext>' of data_prep/files.py."""
+  return [os.path.join(d, f) for d, _, names in os.walk(root) for f in names
+          if f.endswith(".tmp") or ".tmp." in f]
+
+
 def write_dataset(root, *, split="train", num_videos=8, frames=4, size=(16, 16),
                   num_shards=2, clip_len=0, seed=0, name="tiny"):
   """Writes <root>/<name>/1.0.0 with shards, metadata.json and dataset_info.json last."""

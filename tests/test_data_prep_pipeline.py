@@ -24,6 +24,7 @@ from data_prep import region as region_lib
 from data_prep import report as report_lib
 from data_prep import schema
 from data_prep import worker as worker_lib
+from tests import fixtures
 from tests.conftest import SHARED_DATA as SHARED
 REGEX = r"patient_(?P<patient>\d+)_(?P<side>[LR])"
 
@@ -141,7 +142,7 @@ def test_folder_build_reads_back_with_tf_data_and_tfds(tmp_path):
   meta = json.load(open(os.path.join(ddir, "metadata.json")))
   assert (meta["label_names"], meta["mode"], meta["image_size"], meta["clip_len"]) == (
       ["covid", "negative"], "every", [32, 32], 0)
-  assert not glob.glob(os.path.join(ddir, "**", "*.tmp"), recursive=True)
+  assert not fixtures.temporary_files(ddir)
   assert not os.path.exists(os.path.join(ddir, pipeline.WORK))
 
   records = read_records(ddir)
@@ -242,7 +243,7 @@ def test_manifest_clips_privacy_frame_labels_and_strict(tmp_path):
   sources = {r["video_id"]: r["source"] for _, _, r in records}
   assert sources["v0"] == "v0.mp4" and re.fullmatch(r"uid-[0-9a-f]{16}\.mp4", sources["v3"])
   # no raw patient id or name anywhere in the dataset directory
-  for path in glob.glob(os.path.join(ddir, "**", "*"), recursive=True):
+  for path in fixtures.paths_below(ddir):
     if os.path.isfile(path):
       data = open(path, "rb").read()
       for secret in (b"Doe^John", b"Roe^Jane", b"Poe^Ed", b"7431", b"9921", b"113619"):
@@ -309,7 +310,7 @@ def test_patient_ids_in_paths_never_reach_the_output(tmp_path, kind):
     mrn = os.path.basename(os.path.dirname(r["path"]))
     assert r["path"] == str(src / r["video_id"].replace(token[mrn], mrn))
     assert r["patient"] == token[mrn][len("patient-"):]
-  names = [p for p in glob.glob(os.path.join(ddir, "**", "*"), recursive=True)]
+  names = [p for p in fixtures.paths_below(ddir)]
   assert len([p for p in names if p.endswith(".png")]) == 4  # previews, named by video
   for path in names:
     data = open(path, "rb").read() if os.path.isfile(path) else b""
@@ -386,7 +387,7 @@ def test_dicom_uid_names_never_reach_the_output(tmp_path):
                       sorted(f["source"] for f in report["files"])[1])
   ddir = os.path.join(out, "ultrasound", "1.0.0")
   assert {r["source"] for _, _, r in read_records(ddir)} == {f["source"] for f in report["files"]}
-  for path in glob.glob(os.path.join(ddir, "**", "*"), recursive=True):
+  for path in fixtures.paths_below(ddir):
     assert "3680043" not in os.path.basename(path)
     if os.path.isfile(path):
       assert b"3680043" not in open(path, "rb").read(), path

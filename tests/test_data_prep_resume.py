@@ -13,6 +13,7 @@ from data_prep import config as config_lib
 from data_prep import dataset as dataset_lib
 from data_prep import pipeline
 from data_prep import worker as worker_lib
+from tests import fixtures
 from tests.test_data_prep_pipeline import check_videos_contiguous, read_records, write_video
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +47,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its worker process
     proc.wait()
   done_before = _committed_pieces(work)
+  assert os.stat(os.path.join(work, "salt")).st_mode & 0o777 == 0o600   # the build's secret
   assert 3 <= done_before < num_videos, "the run was not killed half-way"
   assert not os.path.exists(os.path.join(ddir, "dataset_info.json"))
   with pytest.raises(dataset_lib.IncompleteDatasetError, match="re-run the same"):
@@ -63,7 +65,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
   keys = [(r["video_id"], int(r["frame_indices"][0])) for _, _, r in records]
   assert len(keys) == len(set(keys)) == num_videos * frames
   check_videos_contiguous(records)
-  assert not glob.glob(os.path.join(ddir, "**", "*.tmp"), recursive=True)
+  assert not fixtures.temporary_files(ddir)
   assert not os.path.exists(work)
 
 
