@@ -4,9 +4,15 @@ r"""Pretraining entry point.
       [--config.key=value ...] [--multihost]
 
 A workdir that already holds a checkpoint resumes from it. With --multihost, every process
-calls jax.distributed.initialize() first (coordinator, process count and id from the usual
-environment or flags of jax.distributed); the workdir must then be one folder all hosts mount
-(checked before the first step, with the config and the records, see parallel.py).
+calls jax.distributed.initialize() first: on Cloud TPU, SLURM, Open MPI and Kubernetes it finds
+the coordinator, the process count and this process's id itself; elsewhere pass them, e.g. on
+two GPU hosts:
+
+  python -m ssl_us.main --multihost --coordinator_address host0:1234 --num_processes 2 \
+      --process_id 0 ...        (on host0; the same with --process_id 1 on the other)
+
+The workdir must then be one folder all hosts mount (checked before the first step, with the
+config and the records, see parallel.py).
 """
 from absl import app, flags
 from ml_collections import config_flags
@@ -15,14 +21,27 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config fi
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize().")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "With --multihost: host:port of process 0 (default: found on "
+    "Cloud TPU, SLURM, Open MPI, Kubernetes).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "With --multihost: the number of processes (default: found).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "With --multihost: this process's id, 0 .. num_processes - 1 "
+    "(default: found).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
+  given = {k: f.value for k, f in (("coordinator_address", _COORDINATOR),
+                                   ("num_processes", _NUM_PROCESSES),
+                                   ("process_id", _PROCESS_ID)) if f.value is not None}
+  if given and not _MULTIHOST.value:
+    raise app.UsageError(f"--{', --'.join(given)} given without --multihost")
   if _MULTIHOST.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**given)
   from ssl_us import train  # pylint: disable=g-import-not-at-top
   history = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:
