@@ -45,8 +45,8 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
-import io
 import functools
+import io
 import itertools
 import json
 import math
