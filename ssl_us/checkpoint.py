@@ -44,6 +44,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from data_prep import files as files_lib
+from ssl_us import parallel
 
 
 def _write_json(path, obj):
@@ -322,7 +323,7 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iter):
   """
   damaged = step in _steps(manager)
   # Every process looks before process 0 moves anything, so all take the same branch.
-  _barrier(f"ssl_us_looked_for_{step}")
+  parallel.barrier(f"ssl_us_looked_for_{step}")
   if damaged:
     # Only a step that did not restore can be here again (restore_latest fell back below it):
     # keep it for the user, out of the manager's way.
@@ -333,7 +334,7 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iter):
       shutil.move(src, dst)
       print(f"checkpoint step {step} did not restore; moved to {dst} to save step {step} anew",
             flush=True)
-    _barrier(f"ssl_us_move_damaged_{step}")
+    parallel.barrier(f"ssl_us_move_damaged_{step}")
     manager.reload()
   callback = getattr(manager, "ssl_us_checksums", None)      # None: orbax's manager alone
   queue = callback.pending if callback and jax.process_index() == 0 else None
@@ -347,11 +348,6 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iter):
     if not saved and queue and queue[-1] == step:
       queue.pop()          # nothing to finalize: no callback will take it
 
-
-def _barrier(name):
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
 
 
 _REASON_BYTES = 600

@@ -35,14 +35,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
-  given = {k: f.value for k, f in (("coordinator_address", _COORDINATOR),
-                                   ("num_processes", _NUM_PROCESSES),
-                                   ("process_id", _PROCESS_ID)) if f.value is not None}
-  if given and not _MULTIHOST.value:
-    raise app.UsageError(f"--{', --'.join(given)} given without --multihost")
-  if _MULTIHOST.value:
-    jax.distributed.initialize(**given)
-  from ssl_us import train  # pylint: disable=g-import-not-at-top
+  from ssl_us import parallel  # pylint: disable=g-import-not-at-top
+  try:
+    parallel.join_processes(_MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                            _PROCESS_ID.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  from ssl_us import train  # pylint: disable=g-import-not-at-top  (after joining)
   history = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:
     print(train.summary_json(history))

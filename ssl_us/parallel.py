@@ -89,25 +89,42 @@ def check_mounted_path(path: str, what: str) -> None:
                      "and give the mounted path")
 
 
+def join_processes(multihost: bool, coordinator_address: str | None = None,
+                   num_processes: int | None = None, process_id: int | None = None) -> None:
+  """``--multihost``: jax.distributed.initialize() with what is given; the rest it finds on
+  Cloud TPU, SLURM, Open MPI and Kubernetes. A ValueError for those flags without
+  ``multihost``."""
+  given = {k: v for k, v in (("coordinator_address", coordinator_address),
+                             ("num_processes", num_processes),
+                             ("process_id", process_id)) if v is not None}
+  if given and not multihost:
+    raise ValueError(f"--{', --'.join(given)} given without --multihost")
+  if multihost:
+    jax.distributed.initialize(**given)
+
+
 def _multihost_utils():
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return multihost_utils
+
+
+def barrier(name: str) -> None:
+  """Every process waits here for the others (nothing with one process)."""
+  if jax.process_count() > 1:
+    _multihost_utils().sync_global_devices(name)
 
 
 def process_0_first(fn):
   """``fn()`` on process 0, then on the others: e.g. process 0 builds a cache the others read.
   An error on process 0 is raised after the others have been let go (they meet their own, not
   a wait without end). ``fn()`` alone with one process."""
-  if jax.process_count() == 1:
-    return fn()
-  mh = _multihost_utils()
   if jax.process_index() > 0:
-    mh.sync_global_devices("ssl_us_process_0_first")
+    barrier("ssl_us_process_0_first")
     return fn()
   try:
     return fn()
   finally:
-    mh.sync_global_devices("ssl_us_process_0_first")
+    barrier("ssl_us_process_0_first")
 
 
 def check_processes_agree(values: dict[str, str]) -> None:
@@ -143,14 +160,14 @@ def check_shared_folder(path: str, what: str) -> None:
   probe = os.path.join(path, f".ssl_us_shared_{token}")
   if jax.process_index() == 0:
     files_lib.write_text(probe, token)
-  mh.sync_global_devices(f"ssl_us_shared_written_{token}")
+  barrier(f"ssl_us_shared_written_{token}")
   try:
     with open(probe) as f:
       seen = f.read() == token
   except OSError:
     seen = False
   every = np.asarray(mh.process_allgather(np.array([seen]))).ravel()
-  mh.sync_global_devices(f"ssl_us_shared_read_{token}")
+  barrier(f"ssl_us_shared_read_{token}")
   if jax.process_index() == 0:
     os.remove(probe)
   missing = [p for p, ok in enumerate(every) if not ok]

@@ -483,6 +483,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   trace.close(last, state)
   manager.wait_until_finished()
   writer.flush()
+  parallel.barrier("ssl_us_run_end")   # the logs are complete for every process that reads them
   progress.close()
   history["final_step"] = last
   return history

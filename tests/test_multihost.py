@@ -83,6 +83,28 @@ def test_processes_refuse_a_workdir_or_dataset_they_do_not_share(tmp_path):
   assert [f for f in os.listdir(wd) if f.startswith(".ssl_us_shared")] == []
 
 
+def _command_env():
+  """A command's environment as a process of two: 4 fake CPU devices, gloo collectives."""
+  env = {k: v for k, v in os.environ.items()
+         if k != "XLA_FLAGS" and not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4 "
+             + os.environ.get("SSL_US_TEST_XLA_FLAGS", ""),
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONPATH=os.path.dirname(HERE))
+  return env
+
+
+def _run_command_on_two_processes(module, *args):
+  """`python -m MODULE --multihost --coordinator_address ... --process_id i ARGS` for i = 0, 1:
+  the processes and their logs."""
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", module, "--multihost", "--coordinator_address",
+       f"localhost:{port}", "--num_processes", "2", "--process_id", str(i), *args],
+      cwd=os.path.dirname(HERE), env=_command_env(), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  return procs, [p.communicate(timeout=600)[0] for p in procs]
+
+
 def test_the_pretraining_command_joins_processes_given_by_flags(tmp_path):
   """`python -m ssl_us.main --multihost --coordinator_address ... --num_processes 2
   --process_id i` on each of two processes (as on hosts no cluster manager describes): one run,
@@ -91,18 +113,9 @@ def test_the_pretraining_command_joins_processes_given_by_flags(tmp_path):
   (tmp_path / "tiny.py").write_text(
       "from tests import test_train\n\n\ndef get_config():\n"
       f"  return test_train.tiny_config({data!r}, num_steps=2)\n")
-  port, wd = _free_port(), str(tmp_path / "wd")
-  env = {k: v for k, v in os.environ.items()
-         if k != "XLA_FLAGS" and not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4 "
-             + os.environ.get("SSL_US_TEST_XLA_FLAGS", ""),
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONPATH=os.path.dirname(HERE))
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "ssl_us.main", "--multihost", "--coordinator_address",
-       f"localhost:{port}", "--num_processes", "2", "--process_id", str(i), "--config",
-       str(tmp_path / "tiny.py"), "--workdir", wd], cwd=os.path.dirname(HERE), env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = [p.communicate(timeout=600)[0] for p in procs]
+  wd = str(tmp_path / "wd")
+  procs, logs = _run_command_on_two_processes(
+      "ssl_us.main", "--config", str(tmp_path / "tiny.py"), "--workdir", wd)
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
   assert '"final_step": 2' in logs[0] and '"final_step"' not in logs[1]   # process 0 reports
@@ -110,7 +123,7 @@ def test_the_pretraining_command_joins_processes_given_by_flags(tmp_path):
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_files), data_files
   r = subprocess.run([sys.executable, "-m", "ssl_us.main", "--process_id", "1", "--config",
                       str(tmp_path / "tiny.py"), "--workdir", wd], cwd=os.path.dirname(HERE),
-                     env=env, capture_output=True, text=True, timeout=300)
+                     env=_command_env(), capture_output=True, text=True, timeout=300)
   assert r.returncode != 0 and "--process_id given without --multihost" in r.stderr, r.stderr
 
 
