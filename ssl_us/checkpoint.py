@@ -432,7 +432,7 @@ def load_state(workdir: str, step: int | None = None):
   step = max(steps) if step is None else step
   if step not in steps:
     raise FileNotFoundError(f"{workdir}: no checkpoint at step {step}; have {sorted(steps)}")
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           abstract)
   try:

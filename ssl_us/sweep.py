@@ -24,7 +24,9 @@ resumes an interrupted one from its checkpoints; a point that fails is recorded 
 and the sweep goes on; SIGTERM/SIGINT stops the current point with a checkpoint (see
 ``train.StopSignal``) and the sweep with it. For a cluster, ``--emit commands`` prints one
 self-contained command per point (the same command with ``--only NAME``), and ``--aggregate``
-builds the report from whatever point workdirs exist.
+builds the report from whatever point workdirs exist. With ``--multihost`` (as
+``ssl_us.main``'s) every point runs on all processes' devices: each process evaluates it alike,
+process 0 writes the records and the report, and the processes agree on each point's status.
 
 Evaluation of every point, after its pretraining, on ``--eval_split`` of the config's dataset
 (records with a label, at most ``--eval_max``, the first frame or clip of each): kNN accuracy
@@ -341,13 +343,19 @@ def finished_point(point_dir: str, config, log=print) -> dict | None:
   return done
 
 
-def _record(sweep: Sweep, point: Point, status: str, **fields):
-  wd = os.path.join(sweep.workdir, point.name)
-  os.makedirs(wd, exist_ok=True)
-  _write_json(os.path.join(wd, POINT_FILE), dict(
+def _record(sweep: Sweep, point: Point, status: str, **fields) -> dict:
+  """The point's record, written by process 0 (every process of a multi-host sweep makes the
+  same one)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  record = json.loads(json.dumps(dict(   # as read back: lists, not tuples
       name=point.name, overrides={f"config.{k}": v for k, v in point.overrides.items()},
       status=status, command=sweep.command(point), time=time.strftime("%Y-%m-%d %H:%M:%S"),
-      **fields))
+      **fields)))
+  if jax.process_index() == 0:
+    wd = os.path.join(sweep.workdir, point.name)
+    os.makedirs(wd, exist_ok=True)
+    _write_json(os.path.join(wd, POINT_FILE), record)
+  return record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,8 +495,9 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
 
 def run_point(sweep: Sweep, point: Point, config, log=print) -> dict:
   """Pretrain (or resume) one point, then evaluate it; returns its record. Never raises for a
-  failing point: its status is 'failed' with the error."""
-  from ssl_us import train  # pylint: disable=g-import-not-at-top
+  failing point: its status is 'failed' with the error. With several processes, all must reach
+  the same status (else a ValueError on every process, naming the point)."""
+  from ssl_us import parallel, train  # pylint: disable=g-import-not-at-top
   wd = os.path.join(sweep.workdir, point.name)
   done = finished_point(wd, config, log)
   if done:
@@ -504,19 +513,20 @@ def run_point(sweep: Sweep, point: Point, config, log=print) -> dict:
                              every=sweep.monitor_every)
     history = train.train_and_evaluate(config, wd, monitor=monitor)
     if history.get("preempted"):
-      _record(sweep, point, "stopped", step=history["final_step"])
-      return read_point(wd)
-    metrics = final_train_metrics(wd)
-    metrics.update(evaluate_point(wd, sweep.eval_split, sweep.eval_max))
-    import jax  # pylint: disable=g-import-not-at-top
-    _record(sweep, point, "done", metrics=metrics, devices=jax.device_count())
-    log(f"[sweep] {point.name}: " + ", ".join(
-        f"{k} {metrics[k]:.4g}" for k in METRICS if k in metrics))
+      record = _record(sweep, point, "stopped", step=history["final_step"])
+    else:
+      metrics = final_train_metrics(wd)
+      metrics.update(evaluate_point(wd, sweep.eval_split, sweep.eval_max))
+      import jax  # pylint: disable=g-import-not-at-top
+      record = _record(sweep, point, "done", metrics=metrics, devices=jax.device_count())
+      log(f"[sweep] {point.name}: " + ", ".join(
+          f"{k} {metrics[k]:.4g}" for k in METRICS if k in metrics))
   except Exception as e:  # pylint: disable=broad-except  (the sweep goes on)
-    _record(sweep, point, "failed", error=f"{type(e).__name__}: {e}",
-            traceback=traceback.format_exc(limit=6))
+    record = _record(sweep, point, "failed", error=f"{type(e).__name__}: {e}",
+                     traceback=traceback.format_exc(limit=6))
     log(f"[sweep] {point.name}: FAILED {type(e).__name__}: {e}")
-  return read_point(wd)
+  parallel.check_processes_agree({f"status of point {point.name}": record["status"]})
+  return record
 
 
 def run(sweep: Sweep, only: str | None = None, log=print) -> list[dict]:
@@ -837,7 +847,21 @@ def main(argv=None) -> int:
   p.add_argument("--emit", choices=["commands"], help="print one command per point and exit")
   p.add_argument("--aggregate", action="store_true",
                  help="build the report from the point workdirs that exist and exit")
+  p.add_argument("--multihost", action="store_true",
+                 help="join the other processes (jax.distributed) first: every point runs on "
+                 "all hosts' devices, as with python -m ssl_us.main --multihost")
+  p.add_argument("--coordinator_address", help="with --multihost: host:port of process 0 "
+                 "(default: found on Cloud TPU, SLURM, Open MPI, Kubernetes)")
+  p.add_argument("--num_processes", type=int, help="with --multihost (default: found)")
+  p.add_argument("--process_id", type=int, help="with --multihost (default: found)")
   a = p.parse_args(argv)
+  try:
+    from ssl_us import parallel  # pylint: disable=g-import-not-at-top
+    parallel.join_processes(a.multihost, a.coordinator_address, a.num_processes, a.process_id)
+  except ValueError as e:
+    p.error(str(e))
+  if a.multihost and a.parallel > 1:
+    p.error("--parallel splits one host's devices; with --multihost every point uses all hosts")
   try:
     if a.aggregate:
       rows = report(a.workdir)

@@ -1,5 +1,6 @@
 """Two local processes joined by jax.distributed (gloo CPU collectives): equal to one process,
 and surviving SIGTERM on one process and SIGKILL of both with bit-exact resumes."""
+import csv
 import json
 import os
 import shutil
@@ -125,6 +126,33 @@ def test_the_pretraining_command_joins_processes_given_by_flags(tmp_path):
                       str(tmp_path / "tiny.py"), "--workdir", wd], cwd=os.path.dirname(HERE),
                      env=_command_env(), capture_output=True, text=True, timeout=300)
   assert r.returncode != 0 and "--process_id given without --multihost" in r.stderr, r.stderr
+
+
+def test_a_sweep_runs_every_point_on_both_processes(tmp_path):
+  """`python -m ssl_us.sweep --multihost ...`: each point trains on both processes (both input
+  positions in its checkpoint) and is evaluated alike by both (each restores it on its own
+  device); a point that fails fails on both and the sweep goes on; process 0 writes the records
+  and the report."""
+  data = fixtures.write_dataset(str(tmp_path / "data"), num_videos=12, frames=4)  # 6 patients
+  (tmp_path / "tiny.py").write_text(
+      "from tests import test_train\n\n\ndef get_config(arg=None):\n"
+      f"  return test_train.sgd_config({data!r}, num_steps=2, ckpt_every=2)\n")
+  wd = str(tmp_path / "sweep")
+  procs, logs = _run_command_on_two_processes(
+      "ssl_us.sweep", "--config", str(tmp_path / "tiny.py"), "--workdir", wd,
+      "--grid", "config.data.split=train,nosuch")
+  for p, log in zip(procs, logs):
+    assert p.returncode == 1 and "[sweep] 2 points run, 1 failed" in log, log[-3000:]
+  evaluated = [next(line for line in log.splitlines() if line.startswith(
+      "[sweep] data.split=train: knn_acc")) for log in logs]
+  assert evaluated[0] == evaluated[1], evaluated
+  with open(os.path.join(wd, "sweep.csv")) as f:
+    rows = {r["name"]: r for r in csv.DictReader(f)}
+  assert {n: r["status"] for n, r in rows.items()} == {"data.split=train": "done",
+                                                        "data.split=nosuch": "failed"}
+  assert 0.0 <= float(rows["data.split=train"]["knn_acc"]) <= 1.0
+  step_dir = os.path.join(wd, "data.split=train", "checkpoints", "2", "data")
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step_dir))
 
 
 def _wait_for_line(proc, prefix, lines):
