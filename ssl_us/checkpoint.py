@@ -349,7 +349,6 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iter):
       queue.pop()          # nothing to finalize: no callback will take it
 
 
-
 _REASON_BYTES = 600
 
 
