@@ -89,16 +89,24 @@ def check_mounted_path(path: str, what: str) -> None:
                      "and give the mounted path")
 
 
-def join_processes(multihost: bool, coordinator_address: str | None = None,
-                   num_processes: int | None = None, process_id: int | None = None) -> None:
-  """``--multihost``: jax.distributed.initialize() with what is given; the rest it finds on
-  Cloud TPU, SLURM, Open MPI and Kubernetes. A ValueError for those flags without
-  ``multihost``."""
+def process_flags(multihost: bool, coordinator_address: str | None = None,
+                  num_processes: int | None = None, process_id: int | None = None) -> dict:
+  """The given ones of ``--coordinator_address --num_processes --process_id`` as
+  jax.distributed.initialize's keywords; a ValueError for them without ``multihost``."""
   given = {k: v for k, v in (("coordinator_address", coordinator_address),
                              ("num_processes", num_processes),
                              ("process_id", process_id)) if v is not None}
   if given and not multihost:
     raise ValueError(f"--{', --'.join(given)} given without --multihost")
+  return given
+
+
+def join_processes(multihost: bool, coordinator_address: str | None = None,
+                   num_processes: int | None = None, process_id: int | None = None) -> None:
+  """``--multihost``: jax.distributed.initialize() with what is given; the rest it finds on
+  Cloud TPU, SLURM, Open MPI and Kubernetes. A ValueError for those flags without
+  ``multihost``."""
+  given = process_flags(multihost, coordinator_address, num_processes, process_id)
   if multihost:
     jax.distributed.initialize(**given)
 

@@ -23,7 +23,9 @@ the same command skips the finished points (``finished_point``: finished under t
 resumes an interrupted one from its checkpoints; a point that fails is recorded with its error
 and the sweep goes on; SIGTERM/SIGINT stops the current point with a checkpoint (see
 ``train.StopSignal``) and the sweep with it. For a cluster, ``--emit commands`` prints one
-self-contained command per point (the same command with ``--only NAME``), and ``--aggregate``
+self-contained command per point (the same command with ``--only NAME``; with ``--multihost``
+and its flags but ``--process_id``, which each command then carries for its job's processes to
+join), and ``--aggregate``
 builds the report from whatever point workdirs exist. With ``--multihost`` (as
 ``ssl_us.main``'s) every point runs on all processes' devices: each process evaluates it alike,
 process 0 writes the records and the report, and the processes agree on each point's status.
@@ -222,6 +224,7 @@ class Sweep:
   monitor_every: int = 0           # the online monitor every N steps (0: off)
   monitor_size: int = 256          # records of --eval_split it evaluates
   seeds: int = 0                   # --seeds N: every grid point run with config.seed 0..N-1
+  launch: list[str] = dataclasses.field(default_factory=list)  # e.g. --multihost, for commands
 
   def config(self, point: Point) -> ml_collections.ConfigDict:
     return apply_overrides(self.base, point.overrides, point.name)
@@ -240,7 +243,7 @@ class Sweep:
     if self.monitor_every:
       args += ["--monitor_every", str(self.monitor_every), "--monitor_size",
                str(self.monitor_size)]
-    args += ["--only", point.name]
+    args += self.launch + ["--only", point.name]
     return shlex.join(args)
 
 
@@ -857,9 +860,18 @@ def main(argv=None) -> int:
   a = p.parse_args(argv)
   try:
     from ssl_us import parallel  # pylint: disable=g-import-not-at-top
-    parallel.join_processes(a.multihost, a.coordinator_address, a.num_processes, a.process_id)
+    given = parallel.process_flags(a.multihost, a.coordinator_address, a.num_processes,
+                                   a.process_id)
+    if not a.emit:   # printing the commands needs no other process
+      parallel.join_processes(a.multihost, **given)
+    elif "process_id" in given:
+      raise ValueError("--process_id differs between a job's processes: with --emit commands "
+                       "leave it to the cluster (or add it to each process's command)")
   except ValueError as e:
     p.error(str(e))
+  # --emit commands: each point's job joins its processes with the same flags.
+  launch = ["--multihost"] * a.multihost + [
+      arg for k, v in given.items() for arg in (f"--{k}", str(v))]
   if a.multihost and a.parallel > 1:
     p.error("--parallel splits one host's devices; with --multihost every point uses all hosts")
   try:
@@ -873,7 +885,8 @@ def main(argv=None) -> int:
                         a.monitor_every, a.monitor_size, a.seeds)
     if a.emit == "commands":
       import jax  # pylint: disable=g-import-not-at-top
-      check_points(sweep, jax.device_count(), jax.process_count())
+      check_points(sweep, jax.device_count(), given.get("num_processes", 1))
+      sweep.launch = launch
       for point in sweep.points:
         print(sweep.command(point))
       return 0

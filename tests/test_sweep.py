@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -327,6 +328,32 @@ def test_emit_commands_prints_one_runnable_command_per_point(tmp_path):
   assert len(lines) == 2
   assert lines[1].endswith("--only loss.temperature=0.5")
   assert "--set config.data.dir=/data/x" in lines[0]
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_emitted_commands_carry_the_multihost_flags_and_join_nothing(tmp_path, capsys,
+                                                                     monkeypatch):
+  """A job array of multi-host points: --emit commands prints each point's command with
+  --multihost and the flags every process shares, without joining processes itself."""
+  def join(**kw):
+    raise AssertionError(f"joined processes {kw}")
+  monkeypatch.setattr(jax.distributed, "initialize", join)
+  args = ["--config", os.path.join(ROOT, "configs/simclr_muscle.py:runlocal"), "--workdir",
+          str(tmp_path / "w"), "--set", "config.data.dir=/data/x", "--grid",
+          "config.loss.temperature=0.1,0.5", "--emit", "commands", "--multihost"]
+  assert sweep.main(args + ["--coordinator_address", "h0:1234", "--num_processes", "2"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert [line.split(" --eval_max 2000 ")[1] for line in lines] == [
+      f"--multihost --coordinator_address h0:1234 --num_processes 2 --only "
+      f"loss.temperature={t}" for t in ("0.1", "0.5")]
+  assert sweep.main(args) == 0
+  assert capsys.readouterr().out.count(" --multihost --only loss.temperature=") == 2
+  with pytest.raises(SystemExit) as e:   # one process's id cannot be every process's
+    sweep.main(args + ["--process_id", "1"])
+  assert e.value.code == 2 and "--process_id" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    sweep.main(args[:-1] + ["--num_processes", "2"])
+  assert "--num_processes given without --multihost" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "w")
 
 
