@@ -28,11 +28,10 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=3)
   args = p.parse_args(argv)
 
-  import grain  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from benchmarks import device_bench  # pylint: disable=g-import-not-at-top
-  from ssl_us import checkpoint  # pylint: disable=g-import-not-at-top
+  from ssl_us import checkpoint, input_pipeline  # pylint: disable=g-import-not-at-top
 
   spec = dict(device_bench.case_spec(args.case, tiny=False), batch=2)
   config, _, _, init = device_bench._step(spec)  # pylint: disable=protected-access
@@ -45,7 +44,7 @@ def main(argv=None):
       jax.random.normal(k, x.shape, x.dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)
       else x for k, x in zip(keys, leaves)])
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-  data_iter = iter(grain.MapDataset.range(8).to_iter_dataset())
+  position = input_pipeline.InputPosition(0)
   times = {False: collections.defaultdict(list), True: collections.defaultdict(list)}
   root = tempfile.mkdtemp(prefix="ssl_us_checksums_")
   try:
@@ -54,7 +53,7 @@ def main(argv=None):
         wd = os.path.join(root, f"{checksums}-{r}")
         manager = checkpoint.make_manager(wd, config, checksums=checksums)
         t = time.perf_counter()
-        checkpoint.save(manager, 1, state, data_iter)
+        checkpoint.save(manager, 1, state, position)
         manager.wait_until_finished()
         times[checksums]["save_s"].append(time.perf_counter() - t)
         step_dir = os.path.join(wd, "checkpoints", "1")

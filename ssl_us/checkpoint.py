@@ -1,9 +1,10 @@
 """Checkpoints: orbax CheckpointManager in <workdir>/checkpoints, plus the run's config.
 
 Each checkpoint step holds two items: 'state' (TrainState: step, params, optimizer state, batch
-statistics and method extras such as BYOL's EMA target, RNG) and 'data' (the grain iterator
-state of every process). Orbax writes each step to a temporary directory and renames it when
-complete, so a preempted save is never taken for a checkpoint. <workdir>/config.json and
+statistics and method extras such as BYOL's EMA target, RNG) and 'data' (the input position,
+``input_pipeline.InputPosition``, in grain's per-process files; a run resumes it on any number
+of processes and grain workers). Orbax writes each step to a temporary directory and renames
+it when complete, so a preempted save is never taken for a checkpoint. <workdir>/config.json and
 <workdir>/batch_spec.json (shapes of one host batch) let ``load_encoder`` rebuild the model
 without the data. config.json and dataset.json (what the samplers plan over, hashed) are what
 ``check_resume`` holds a resumed run to.
@@ -270,6 +271,31 @@ class _ChecksumOnFinalize:
                           f"{CHECKSUMS} in")
 
 
+class _PositionHandler(grain.checkpoint.CheckpointHandler):
+  """grain's orbax handler (a JSON file per process), restoring a step that another number of
+  processes wrote too: the input position is global, the same in every process's file."""
+
+  def restore(self, directory, item=None, args=None):
+    item = item or args.item
+    own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    found = [own] if own.exists() else sorted(directory.glob("process_0-of-*.json"))
+    if not found:
+      raise FileNotFoundError(f"{own} is missing (nor is there another process count's)")
+    item.set_state(found[0].read_bytes())
+    return item
+
+
+# The handler's arguments: grain's, registered with it (orbax maps argument types to handlers).
+@ocp.args.register_with_handler(_PositionHandler, for_save=True)
+class _PositionSave(grain.checkpoint.CheckpointSave):
+  pass
+
+
+@ocp.args.register_with_handler(_PositionHandler, for_restore=True)
+class _PositionRestore(grain.checkpoint.CheckpointRestore):
+  pass
+
+
 def make_manager(workdir: str, config, checksums: bool = True) -> ocp.CheckpointManager:
   """The run's manager; ``checksums=False`` is orbax alone (benchmarks/checkpoint_checksums.py
   compares the two)."""
@@ -281,7 +307,7 @@ def make_manager(workdir: str, config, checksums: bool = True) -> ocp.Checkpoint
   manager = ocp.CheckpointManager(
       directory, options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "data": grain.checkpoint.CheckpointHandler()})
+                     "data": _PositionHandler()})
   manager.ssl_us_checksums = callback
   return manager
 
@@ -317,10 +343,10 @@ def describe_latest(manager) -> str:
   return f"step {steps[-1]} in {manager.directory}" if steps else f"none in {manager.directory}"
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, data_iter):
-  """Saves ``state`` and the input position: ``data_iter`` is the grain iterator, or anything
-  with its ``get_state`` (input_pipeline.DevicePrefetch: the state before the batches it holds).
-  """
+def save(manager: ocp.CheckpointManager, step: int, state, position):
+  """Saves ``state`` and the input position: ``position.get_state()`` (JSON bytes) of an
+  input_pipeline.InputPosition, or of the DevicePrefetch (the position before the batches it
+  holds)."""
   damaged = step in _steps(manager)
   # Every process looks before process 0 moves anything, so all take the same branch.
   parallel.barrier(f"ssl_us_looked_for_{step}")
@@ -343,7 +369,7 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iter):
   saved = False
   try:
     saved = manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)))
+        state=ocp.args.StandardSave(state), data=_PositionSave(position)))
   finally:
     if not saved and queue and queue[-1] == step:
       queue.pop()          # nothing to finalize: no callback will take it
@@ -373,8 +399,9 @@ def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def restore_latest(manager: ocp.CheckpointManager, state, data_iter, log_fn=None):
-  """(state, step) from the newest checkpoint that restores, restoring ``data_iter`` in place;
+def restore_latest(manager: ocp.CheckpointManager, state, position, log_fn=None):
+  """(state, step) from the newest checkpoint that restores, restoring ``position``
+  (input_pipeline.InputPosition, or anything with ``set_state(bytes)``) in place;
   (state, None) if there is none. A step that fails (on any process) is reported through
   ``log_fn`` with its reason and skipped; if every step fails, CheckpointError lists them."""
   log_fn = log_fn or print
@@ -391,7 +418,7 @@ def restore_latest(manager: ocp.CheckpointManager, state, data_iter, log_fn=None
       try:
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_abstract(state)),
-            data=grain.checkpoint.CheckpointRestore(data_iter)))
+            data=_PositionRestore(position)))
       except Exception as e:  # pylint: disable=broad-except  (tensorstore, orbax, OS, grain)
         reason = _reason(e)
       reason = _first_reason(reason)

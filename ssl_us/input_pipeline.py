@@ -27,7 +27,6 @@ Batches are dicts of numpy arrays; images stay uint8 (augmentation runs on devic
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
 import functools
 import glob
@@ -521,8 +520,10 @@ class _ReadAndAssemble:
 
 def make_dataset(index: RecordIndex, sampler: Sampler, *, global_batch: int, seed: int,
                  process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-                 num_epochs: int | None = None) -> grain.IterDataset:
-  """Batches of ``global_batch // process_count`` examples for this process."""
+                 num_epochs: int | None = None, start: int = 0) -> grain.IterDataset:
+  """Batches of ``global_batch // process_count`` examples for this process, from global batch
+  ``start`` on (a resumed run's ``InputPosition``): batch k is the same global batch whatever
+  the number of processes and workers."""
   # grain is imported here, its one use: the rest of the input code (index, parsing, samplers,
   # DevicePrefetch) and the training step then import on a host without it.
   import grain  # pylint: disable=g-import-not-at-top
@@ -531,7 +532,7 @@ def make_dataset(index: RecordIndex, sampler: Sampler, *, global_batch: int, see
                     num_epochs=num_epochs)
   ds = grain.MapDataset.source(src)
   ds = ds.random_map(_ReadAndAssemble(index, sampler), seed=seed * 1_000_003 + process_index)
-  ds = ds.batch(src.local_batch, drop_remainder=True)
+  ds = ds.batch(src.local_batch, drop_remainder=True)[start:]
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if num_workers > 0:
     from absl import flags  # pylint: disable=g-import-not-at-top
@@ -552,6 +553,31 @@ def steps_per_epoch(index: RecordIndex, sampler: Sampler, global_batch: int, see
 # Device prefetch.
 
 
+class InputPosition:
+  """Where a run's input is: the number of global batches its steps have taken.
+
+  What a checkpoint holds of the input, through grain's orbax handler (one file per process,
+  all alike): batch k of a run is the same global batch on any number of processes and grain
+  workers (``make_dataset(start=k)``), while grain's own iterator state follows both (one
+  cursor per worker), so a run resumed with other ``data.num_workers`` or on another number of
+  hosts failed to restore it, or restored it at another batch. ``global_batches`` is None
+  after ``set_state`` of such a state (checkpoints written before this class): there the
+  position is the restored step, one batch per step.
+  """
+
+  def __init__(self, global_batches: int | None = None):
+    self.global_batches = global_batches
+
+  def get_state(self) -> bytes:
+    return json.dumps({"global_batches": self.global_batches}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.global_batches = json.loads(state).get("global_batches")
+
+  def start_prefetch(self) -> None:
+    """grain's handler calls this after set_state; nothing to start."""
+
+
 class DevicePrefetch:
   """Global batches placed on the devices ahead of the step that takes them.
 
@@ -559,16 +585,16 @@ class DevicePrefetch:
   the next batch is transferred while the current step runs (double buffering); ``size`` = 1
   places each batch when it is taken. At most ``limit`` batches are fetched in all.
 
-  ``get_state()`` is the host iterator's state before the first batch no step has taken, in
-  the form grain's orbax handler writes (JSON bytes), so a checkpoint saved between steps
-  resumes at exactly that batch however far the prefetch has read; restore into the host
-  iterator itself, before building this.
+  ``get_state()`` is the ``InputPosition`` of the first batch no step has taken (``start``:
+  that of the iterator's first batch), so a checkpoint saved between steps resumes at exactly
+  that batch however far the prefetch has read.
   """
 
-  def __init__(self, iterator, put, size: int = 2, limit: int | None = None):
+  def __init__(self, iterator, put, size: int = 2, limit: int | None = None, start: int = 0):
     if size < 1:
       raise ValueError(f"prefetch size must be >= 1, got {size}")
     self._it, self._put, self._size, self._left = iterator, put, size, limit
+    self._taken = start       # global batches taken by steps
     self._queue: collections.deque = collections.deque()
 
   def __iter__(self):
@@ -576,16 +602,15 @@ class DevicePrefetch:
 
   def __next__(self):
     while len(self._queue) < self._size and self._left != 0:
-      state = copy.deepcopy(self._it.get_state())
-      self._queue.append((state, self._put(next(self._it))))
+      self._queue.append(self._put(next(self._it)))
       self._left = None if self._left is None else self._left - 1
     if not self._queue:
       raise StopIteration
-    return self._queue.popleft()[1]
+    self._taken += 1
+    return self._queue.popleft()
 
   def get_state(self) -> bytes:
-    state = self._queue[0][0] if self._queue else self._it.get_state()
-    return json.dumps(state, indent=4).encode()
+    return InputPosition(self._taken).get_state()
 
 
 # ----------------------------------------------------------------------------------------------

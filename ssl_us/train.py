@@ -15,9 +15,10 @@ Survival: a step with a non-finite loss or gradient leaves the state unchanged (
 SIGTERM/SIGINT end the loop after the current step with a checkpoint (``StopSignal``, agreed by
 all processes); a damaged newest checkpoint falls back to the next (``checkpoint.restore_latest``).
 
-Imports: the checkpoints (ssl_us.checkpoint, which saves grain's iterator state) are imported by
-``train_and_evaluate``, the one function that uses them, so that the step builds on a host
-without grain or tensorflow (benchmarks/device_bench.py; tests/test_device_bench.py checks it).
+Imports: the checkpoints (ssl_us.checkpoint, which imports grain for its orbax handler) are
+imported by ``train_and_evaluate``, the one function that uses them, so that the step builds on
+a host without grain or tensorflow (benchmarks/device_bench.py; tests/test_device_bench.py
+checks it).
 A whole run needs no tensorflow either: records are parsed with protobuf alone, and metrics go
 through ``writers.create_writer`` (tests/test_train.py checks it).
 """
@@ -255,11 +256,12 @@ def build(config, mesh=None) -> Setup:
   return Setup(config=config, mesh=mesh, method=method, tx=tx, schedule=schedule, index=index)
 
 
-def make_input(setup: Setup, config):
+def make_input(setup: Setup, config, start: int = 0):
+  """This process's part of every global batch from batch ``start`` on."""
   return input_pipeline.make_dataset(
       setup.index, setup.method.sampler, global_batch=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      num_workers=config.data.num_workers)
+      num_workers=config.data.num_workers, start=start)
 
 
 def init_state(setup: Setup, config, sample_batch) -> TrainState:
@@ -395,19 +397,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   ckpt_lib.check_resume(workdir, config, dataset, log_fn=say)
   ckpt_lib.save_config(workdir, config, dataset)
 
-  # Input.
-  ds = make_input(setup, config)
-  data_iter = iter(ds)
-
-  # State: fresh, or restored with the input iterator from the newest checkpoint that restores.
+  # State: fresh, or restored with the input position from the newest checkpoint that restores.
   sample = next(iter(input_pipeline.make_dataset(
       setup.index, setup.method.sampler, global_batch=config.batch_size, seed=config.seed,
       process_index=0, process_count=jax.process_count(), num_workers=0)))
   ckpt_lib.save_batch_spec(workdir, sample)
   state = init_state(setup, config, sample)
   manager = ckpt_lib.make_manager(workdir, config)
-  state, restored_step = ckpt_lib.restore_latest(manager, state, data_iter, log_fn=say)
+  position = input_pipeline.InputPosition(0)
+  state, restored_step = ckpt_lib.restore_latest(manager, state, position, log_fn=say)
   start = int(restored_step or 0)
+  if position.global_batches is None:   # a checkpoint from before positions: a batch a step
+    position.global_batches = start
+
+  # Input, from that position: the same global batches on any number of processes or workers.
+  data_iter = iter(make_input(setup, config, start=position.global_batches))
 
   step_fn = make_train_step(setup.method, setup.tx, setup.schedule, setup.mesh)
   writer = writers.create_writer(os.path.join(workdir, "logs"),
@@ -423,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   # The next global batch goes to the devices while the current step runs (config.prefetch).
   batches = input_pipeline.DevicePrefetch(
       data_iter, functools.partial(parallel.shard_host_batch, mesh=setup.mesh),
-      size=config.get("prefetch", 2), limit=end - start)
+      size=config.get("prefetch", 2), limit=end - start, start=position.global_batches)
   prof = config.get("profile", {})
   trace = profiling.StepTrace(os.path.join(workdir, "logs"), prof.get("start_step", 0),
                               prof.get("num_steps", 0), enabled=jax.process_index() == 0,

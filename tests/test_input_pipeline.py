@@ -89,6 +89,21 @@ def test_processes_read_disjoint_parts_of_each_global_batch(dataset):
     np.testing.assert_array_equal(np.concatenate([p0, p1]), g)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_position_is_the_same_global_batch_on_any_number_of_processes(dataset, num_workers):
+  """make_dataset(start=k) (a resumed run): global batch k and on, across an epoch's end,
+  whatever the number of processes and grain workers."""
+  index = ip.load_index(dataset, "train")     # 24 records: 3 global batches of 8 an epoch
+  whole = _all_batches(index, _TaggingSampler(), 6, global_batch=8, seed=3)
+  for count in (1, 2):
+    parts = [_all_batches(index, _TaggingSampler(), 2, global_batch=8, seed=3, start=2,
+                          process_index=p, process_count=count, num_workers=num_workers)
+             for p in range(count)]
+    for k in range(2):
+      np.testing.assert_array_equal(np.concatenate([part[k]["rid"] for part in parts]),
+                                    whole[2 + k]["rid"])
+
+
 def test_epoch_covers_every_record_once(dataset):
   index = ip.load_index(dataset, "train")
   batches = _all_batches(index, _TaggingSampler(), 3, global_batch=8, seed=0)

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from ssl_us import checkpoint, parallel, train
+from ssl_us import checkpoint, input_pipeline, parallel, train
 from tests import fixtures, test_train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -209,6 +209,38 @@ def test_sigterm_on_one_process_and_sigkill_of_both_resume_bit_exactly(tmp_path,
     got, want = (open(os.path.join(d, "checkpoints", "10", "data", name)).read()
                  for d in (wd, ref_wd))
     assert json.loads(got) == json.loads(want)
+
+
+def test_a_run_resumes_on_another_number_of_processes(tmp_path, reference):
+  """The reference's step 9 resumed on one process (a smaller slice after a preemption), and
+  written by one process then resumed on two: step 10 takes the reference's global batch from
+  the reference's state. (A step written by another number of processes did not restore with
+  grain's own iterator state, so neither run could resume.) Compared: one step from a shared
+  state, as in fixtures' sharded == single device checks."""
+  data, ref_wd, ref = reference
+  want = checkpoint.load_state(ref_wd, 10)[2]
+  down = str(tmp_path / "down")
+  shutil.copytree(ref_wd, down)
+  shutil.rmtree(os.path.join(down, "checkpoints", "10"))
+  rest = train.train_and_evaluate(test_train.tiny_config(data, num_steps=10, ckpt_every=3),
+                                  down, mesh=parallel.make_mesh(8))
+  assert rest["step"] == [10]
+  np.testing.assert_allclose(rest["loss"], ref[0]["loss"][9:], rtol=2e-5)
+  errors = fixtures.normwise_errors(checkpoint.load_state(down)[2].params, want.params)
+  assert max(errors.values()) <= fixtures.FLOAT32_STEP_RTOL, errors
+
+  up = str(tmp_path / "up")       # the reference's step 9, as one process saves it
+  shutil.copytree(ref_wd, up, ignore=shutil.ignore_patterns("checkpoints"))
+  config, _, state = checkpoint.load_state(ref_wd, 9)
+  manager = checkpoint.make_manager(up, config)
+  checkpoint.save(manager, 9, state, input_pipeline.InputPosition(9))
+  manager.wait_until_finished()
+  assert [f for f in os.listdir(os.path.join(up, "checkpoints", "9", "data"))
+          if f.startswith("process")] == ["process_0-of-1.json"]
+  rest, _ = _finish(_launch(tmp_path, data, up, "up", 10, 1), tmp_path, "up")
+  assert rest[0]["step"] == rest[1]["step"] == [10]
+  assert rest[0]["loss"] == ref[0]["loss"][9:]            # as the reference: two processes
+  fixtures.assert_states_equal(checkpoint.load_state(up)[2], want)
 
 
 def test_a_file_only_process_1_checks_fails_the_step_on_both_processes(tmp_path, reference):

@@ -238,7 +238,7 @@ def _save_initial_checkpoint(config, workdir):
   state = train.init_state(setup, setup.config, sample)
   state = state.replace(params=jax.tree.map(lambda p: p + 0.5, state.params))
   manager = checkpoint.make_manager(workdir, setup.config)
-  checkpoint.save(manager, 1, state, iter(train.make_input(setup, setup.config)))
+  checkpoint.save(manager, 1, state, input_pipeline.InputPosition(0))
   manager.wait_until_finished()
   manager.close()
 
