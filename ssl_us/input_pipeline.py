@@ -6,16 +6,18 @@ Layout of the pipeline (one per process):
     -> epoch plans from a Sampler: (num_examples, k) record ids per epoch, in sampling order,
        every block of ``global_batch`` rows one global batch
     -> this process's contiguous slice of every global batch (disjoint across processes)
-    -> grain MapDataset.random_map(read the k records, decode the frames, sampler.assemble)
-    -> batch(per-process batch) -> mp_prefetch (decoding in worker processes)
+    -> grain MapDataset.map(read the k records, decode the frames, sampler.assemble)
+    -> batch(per-process batch), from the run's position -> mp_prefetch (worker processes)
 
 Frames are PNG, or raw bytes when data_prep made them with --frame_encoding raw (metadata.json
 says which; ``frame_format``): raw costs a copy instead of a PNG inflate.
 
-The iterator's state (a position in the infinite sequence of epoch plans) is checkpointed with
-the model through orbax (grain.checkpoint). Records are read at their byte offset, so the plan
-can shuffle globally across shards; the index is built once by scanning the shards and cached
-next to them (or kept in memory when the dataset directory is read-only).
+The input's position (``InputPosition``: global batches taken, in the infinite sequence of
+epoch plans) is checkpointed with the model through orbax (grain's handler). An example is a
+function of its row of the plan alone, so batch k is the same on any number of processes and
+workers. Records are read at their byte offset, so the plan can shuffle globally across
+shards; the index is built once by scanning the shards and cached next to them (or kept in
+memory when the dataset directory is read-only).
 
 Every record's bytes are checked against the CRC-32C that data_prep framed it with, when the
 index is built and at every read, and each shard's record count against dataset_info.json: a
@@ -447,8 +449,10 @@ class Sampler(Protocol):
   def plan(self, index: RecordIndex, rng: np.random.Generator, global_batch: int) -> np.ndarray:
     """(num_examples, records_per_example) record ids for one epoch, in sampling order."""
 
-  def assemble(self, records: list[dict], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Fixed-shape uint8 host example from the parsed records."""
+  def assemble(self, records: list[dict]) -> dict[str, np.ndarray]:
+    """Fixed-shape uint8 host example from the parsed records: a function of the records
+    alone (randomness is the plan's, per epoch, or the device's, per global example index, so
+    an example is the same on any number of processes and workers)."""
 
 
 # FrameSampler (SimCLR) and the other frame samplers live in ssl_us/samplers_frames.py; clip
@@ -508,14 +512,14 @@ class _PlanSource:
 
 
 class _ReadAndAssemble:
-  """grain's random map: a row of record numbers -> the sampler's example."""
+  """grain's map: a row of record numbers -> the sampler's example."""
 
   def __init__(self, index, sampler):
     self.reader = RecordReader(index)
     self.sampler = sampler
 
-  def __call__(self, element, rng):
-    return self.sampler.assemble([self.reader.read(int(i)) for i in element], rng)
+  def __call__(self, element):
+    return self.sampler.assemble([self.reader.read(int(i)) for i in element])
 
 
 def make_dataset(index: RecordIndex, sampler: Sampler, *, global_batch: int, seed: int,
@@ -531,7 +535,7 @@ def make_dataset(index: RecordIndex, sampler: Sampler, *, global_batch: int, see
                     process_index=process_index, process_count=process_count,
                     num_epochs=num_epochs)
   ds = grain.MapDataset.source(src)
-  ds = ds.random_map(_ReadAndAssemble(index, sampler), seed=seed * 1_000_003 + process_index)
+  ds = ds.map(_ReadAndAssemble(index, sampler))
   ds = ds.batch(src.local_batch, drop_remainder=True)[start:]
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if num_workers > 0:

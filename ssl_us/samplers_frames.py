@@ -4,7 +4,7 @@ All of them work on frame-mode shards (one frame per record) and follow the inpu
 protocol: ``plan`` is pure numpy over a RecordIndex (arrays ``video``, ``patient``,
 ``frame_index``, ``num_frames``, ``label``, ``anatomy_coarse``, ``anatomy_fine``, plus
 ``video_ids``), returns whole global batches, and is deterministic in its ``rng``; ``assemble``
-builds the uint8 host example in a grain worker from the parsed records.
+builds the uint8 host example in a grain worker from the parsed records alone.
 
 - ``FrameSampler`` (SimCLR, paper 000): every frame record once per epoch, shuffled; the two
   views are made on device.
@@ -61,7 +61,7 @@ class FrameSampler:
                          f"(one frame per record); these hold clips of {index.num_frames.max()}")
     return rng.permutation(index.num_records)[:, None]
 
-  def assemble(self, records, rng):
+  def assemble(self, records):
     (r,) = records
     return {"image": r["frames"][0], "label": np.int32(r["label"]),
             "anatomy_coarse": np.int32(r["anatomy_coarse"][0]),
@@ -218,8 +218,7 @@ class AnatomySampler:
     single = anchors[p.size:].reshape(num_batches, n_lab - 2 * n_pairs)
     return pool[np.concatenate([pairs, single], axis=1)]
 
-  def assemble(self, records, rng):
-    del rng
+  def assemble(self, records):
     (r,) = records
     label = int(r[self.key][0]) if self.anatomy_ratio > 0 else -1
     return {"image": r["frames"][0], "anatomy": np.int32(label)}
@@ -312,8 +311,7 @@ class VideoPairSampler:
     pos = chronological_triples(count[v], rng)
     return order[start[v][:, None] + pos]
 
-  def assemble(self, records, rng):
-    del rng
+  def assemble(self, records):
     f1, f2, f3 = records
     keep = keeps_label(f2["video_id"], self.label_fraction, self.label_seed)
     label = int(f2["label"]) if keep else -1
@@ -367,7 +365,6 @@ class SameVideoSampler:
     j = np.where(n > 1, j + (j >= i), i)
     return kept[order[start[g][:, None] + np.stack([i, j], axis=1)]]
 
-  def assemble(self, records, rng):
-    del rng
+  def assemble(self, records):
     a, b = records
     return {"image": a["frames"][0], "image_b": b["frames"][0], "anatomy": np.int32(-1)}

@@ -207,8 +207,7 @@ class ClipSampler:
     sl = slice(0, self.span, self.stride)
     return r["frames"][sl], np.asarray(r["frame_indices"][sl])
 
-  def assemble(self, records, rng):
-    del rng
+  def assemble(self, records):
     per_view = self.clip_len if self.frame_mode else 1
     clip, fi = self._view(records[:per_view])
     out = {"clip": clip, "label": np.int32(records[0]["label"])}

@@ -93,7 +93,7 @@ def test_frame_mode_pad_repeats_the_last_frame_and_assemble_reports_it():
   np.testing.assert_array_equal(idx.frame_index[short_row] // 3, [0, 1, 1, 1])
   records = [{"frames": np.full((1, 4, 4, 1), f, np.uint8), "frame_indices": np.asarray([f]),
               "label": np.int64(1)} for f in idx.frame_index[short_row]]
-  ex = s.assemble(records, None)
+  ex = s.assemble(records)
   assert ex["clip"].shape == (4, 4, 4, 1) and ex["clip"].dtype == np.uint8
   np.testing.assert_array_equal(ex["clip"][:, 0, 0, 0], [0, 3, 3, 3])
   np.testing.assert_array_equal(ex["padded"], [2, 2])
@@ -158,7 +158,7 @@ def test_clip_mode_uses_frames_every_stride_and_counts_padding():
                            "frame_indices": np.asarray(fi), "label": np.int64(-1)}
   a = rec(0, [0, 1, 2, 3, 4, 5])
   b = rec(10, [6, 7, 8, 6, 7, 8])                          # a looped record from data_prep
-  ex = s.assemble([a, b], None)
+  ex = s.assemble([a, b])
   np.testing.assert_array_equal(ex["clip"][:, 0, 0, 0], [0, 2, 4])
   np.testing.assert_array_equal(ex["clip_b"][:, 0, 0, 0], [10, 12, 14])
   np.testing.assert_array_equal(ex["padded"], [0, 1])      # frame indices 6, 8, 7

@@ -143,9 +143,9 @@ def test_granularity_selects_the_label_field():
   np.testing.assert_array_equal((idx.anatomy_coarse[rows] >= 0).sum(axis=1), 2)
   rec = {"frames": np.zeros((1, 4, 4, 1), np.uint8), "anatomy_coarse": np.array([0]),
          "anatomy_fine": np.array([2])}
-  assert int(s.assemble([rec], None)["anatomy"]) == 0
+  assert int(s.assemble([rec])["anatomy"]) == 0
   fine = sf.AnatomySampler(granularity="fine", anatomy_ratio=0.5)
-  assert int(fine.assemble([rec], None)["anatomy"]) == 2
+  assert int(fine.assemble([rec])["anatomy"]) == 2
 
 
 def test_single_video_class_is_never_a_labeled_frame():
@@ -165,7 +165,7 @@ def test_ratio_zero_is_plain_simclr_on_kept_frames():
   assert sorted(plan) == sorted(np.flatnonzero(idx.frame_index // 3 % 8 == 0))
   rec = {"frames": np.full((1, 4, 4, 1), 7, np.uint8), "anatomy_fine": np.array([2]),
          "anatomy_coarse": np.array([0])}
-  out = s.assemble([rec], None)
+  out = s.assemble([rec])
   assert int(out["anatomy"]) == -1 and out["image"].shape == (4, 4, 1)
   assert out["image"].dtype == np.uint8
 
@@ -258,11 +258,11 @@ def test_keeps_label_fraction_and_stability():
 def test_uscl_assemble_stacks_frames_and_masks_label():
   recs = [{"frames": np.full((1, 2, 2, 1), k, np.uint8), "label": np.int64(2),
            "video_id": "v"} for k in (10, 20, 30)]
-  out = sf.VideoPairSampler(label_fraction=1.0).assemble(recs, None)
+  out = sf.VideoPairSampler(label_fraction=1.0).assemble(recs)
   assert out["frames"].shape == (3, 2, 2, 1) and out["frames"].dtype == np.uint8
   np.testing.assert_array_equal(out["frames"][:, 0, 0, 0], [10, 20, 30])
   assert int(out["label"]) == 2
-  assert int(sf.VideoPairSampler(label_fraction=0.0).assemble(recs, None)["label"]) == -1
+  assert int(sf.VideoPairSampler(label_fraction=0.0).assemble(recs)["label"]) == -1
 
 
 def test_uscl_label_out_of_classifier_range():
@@ -305,7 +305,7 @@ def test_same_patient_pairs_and_every():
   for batch in pats[:, 0].reshape(-1, 2):
     assert set(batch) == {0, 1}
   recs = [{"frames": np.full((1, 3, 3, 1), k, np.uint8)} for k in (4, 9)]
-  out = s.assemble(recs, None)
+  out = s.assemble(recs)
   assert out["image"].shape == out["image_b"].shape == (3, 3, 1)
   assert int(out["image"][0, 0, 0]) == 4 and int(out["image_b"][0, 0, 0]) == 9
   assert int(out["anatomy"]) == -1

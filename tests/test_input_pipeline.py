@@ -184,7 +184,7 @@ class _TaggingSampler(FrameSampler):
     self._index = index
     return super().plan(index, rng, global_batch)
 
-  def assemble(self, records, rng):
+  def assemble(self, records):
     (r,) = records
     v = int(r["video_id"][-3:])
     return {"rid": np.int64(v * 4 + int(r["frame_indices"][0]))}
