@@ -159,6 +159,19 @@ def test_resume_with_other_input_workers_equals_uninterrupted(dataset, tmp_path,
                                checkpoint.load_state(str(tmp_path / "full"))[2])
 
 
+def test_a_checkpoint_with_grains_iterator_state_resumes_at_its_step(dataset, tmp_path):
+  """Checkpoints written before InputPosition hold grain's own iterator state: their input
+  resumes at their step (a batch a step), as the uninterrupted run."""
+  config, mesh = tiny_config(dataset, num_steps=4), parallel.make_mesh(2)
+  full = train.train_and_evaluate(config, str(tmp_path / "full"), mesh=mesh)
+  first = train.train_and_evaluate(config, str(tmp_path / "old"), mesh=mesh, max_steps=2)
+  step_dir = tmp_path / "old" / "checkpoints" / "2"
+  (step_dir / "data" / "process_0-of-1.json").write_text('{\n    "next_index": 2\n}')
+  checkpoint.write_checksums(str(step_dir))       # as that version's save wrote them
+  rest = train.train_and_evaluate(config, str(tmp_path / "old"), mesh=mesh)
+  assert rest["step"] == [3, 4] and first["loss"] + rest["loss"] == full["loss"]
+
+
 @pytest.mark.parametrize("size", [1, 2, 3])
 def test_device_prefetch_order_limit_and_state(size):
   it, placed = iter(range(100)), []
