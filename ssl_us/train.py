@@ -410,9 +410,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   if position.global_batches is None:   # a checkpoint from before positions: a batch a step
     position.global_batches = start
   if restored_step is not None:
-    say(f"resumed at step {start} of {manager.directory}, input at global batch "
-        f"{position.global_batches}, on {jax.process_count()} process(es) with "
-        f"{setup.mesh.size} devices and {config.data.num_workers} input workers each")
+    say(f"resumed at step {start} of {manager.directory}; input at global batch "
+        f"{position.global_batches}; processes {jax.process_count()}, devices "
+        f"{setup.mesh.size}, input workers per process {config.data.num_workers}")
 
   # Input, from that position: the same global batches on any number of processes or workers.
   data_iter = iter(make_input(setup, config, start=position.global_batches))

@@ -156,8 +156,8 @@ def test_resume_with_other_input_workers_equals_uninterrupted(dataset, tmp_path,
   rest = train.train_and_evaluate(after, str(tmp_path / "split"), mesh=mesh, log_fn=logs.append)
   assert first["step"] == [1, 2] and rest["step"] == [3, 4]
   assert first["loss"] + rest["loss"] == full["loss"]          # bit for bit
-  assert (f"resumed at step 2 of {tmp_path}/split/checkpoints, input at global batch 2, on 1 "
-          f"process(es) with 2 devices and {workers[1]} input workers each") in logs, logs
+  assert (f"resumed at step 2 of {tmp_path}/split/checkpoints; input at global batch 2; "
+          f"processes 1, devices 2, input workers per process {workers[1]}") in logs, logs
   fixtures.assert_states_equal(checkpoint.load_state(str(tmp_path / "split"))[2],
                                checkpoint.load_state(str(tmp_path / "full"))[2])
 
