@@ -23,10 +23,9 @@ the same command skips the finished points (``finished_point``: finished under t
 resumes an interrupted one from its checkpoints; a point that fails is recorded with its error
 and the sweep goes on; SIGTERM/SIGINT stops the current point with a checkpoint (see
 ``train.StopSignal``) and the sweep with it. For a cluster, ``--emit commands`` prints one
-self-contained command per point (the same command with ``--only NAME``; with ``--multihost``
-and its flags but ``--process_id``, which each command then carries for its job's processes to
-join), and ``--aggregate``
-builds the report from whatever point workdirs exist. With ``--multihost`` (as
+self-contained command per point (the same command with ``--only NAME``; given
+``--multihost`` and its flags but ``--process_id``, each command carries them for its job's
+processes to join), and ``--aggregate`` builds the report from whatever point workdirs exist. With ``--multihost`` (as
 ``ssl_us.main``'s) every point runs on all processes' devices: each process evaluates it alike,
 process 0 writes the records and the report, and the processes agree on each point's status.
 
