@@ -345,7 +345,7 @@ def test_a_step_without_checksums_restores_as_before_and_says_so(finished_run, t
   messages = []
   rest = train.train_and_evaluate(config, wd, mesh=parallel.make_mesh(2),
                                   log_fn=messages.append)
-  assert [m for m in messages if "checksums" in m] == [
+  assert [m for m in messages if checkpoint.CHECKSUMS in m] == [
       f"checkpoint step 3 in {wd}/checkpoints has no {checkpoint.CHECKSUMS} (written before "
       "ssl_us wrote checksums): restored with orbax's checks only"]
   assert rest["step"] == [4, 5, 6] and rest["loss"] == full["loss"][3:]
