@@ -335,3 +335,21 @@ def run_on_8_cpu_devices(script: str, *args: str, timeout: int = 300) -> str:
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.startswith("OK"), out.stdout[-3000:]
   return out.stdout
+
+
+def process_output(proc, timeout: float = 900) -> str:
+  """The whole stdout of ``proc`` (a Popen with stdout=PIPE, text=True, start_new_session=True)
+  once it has exited. Its process group is killed then: worker processes that a crashed process
+  leaves behind (grain's) hold its stdout open, so reading to the end would wait for them."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  out = []
+  reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+  reader.start()
+  proc.wait(timeout=timeout)
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except ProcessLookupError:
+    pass
+  reader.join(timeout=60)
+  return out[0] if out else ""

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -40,24 +39,8 @@ def _launch(tmp_path, data, wd, tag, steps=3, workers=0, pace=0.0):
       start_new_session=True) for i in range(2)]
 
 
-def _output(proc, timeout=900):
-  """The process's whole output once it has exited. Its process group is killed then: grain
-  worker processes that a crashed process leaves behind hold its stdout open, so reading to the
-  end of it would wait for them."""
-  out = []
-  reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
-  reader.start()
-  proc.wait(timeout=timeout)
-  try:
-    os.killpg(proc.pid, signal.SIGKILL)
-  except ProcessLookupError:
-    pass
-  reader.join(timeout=60)
-  return out[0] if out else ""
-
-
 def _finish(procs, tmp_path, tag):
-  logs = [_output(p) for p in procs]
+  logs = [fixtures.process_output(p) for p in procs]
   failed = [f"process {i} exited with {p.returncode}:\n{log[:3000]}\n...\n{log[-3000:]}"
             for i, (p, log) in enumerate(zip(procs, logs)) if p.returncode != 0]
   assert not failed, "\n\n".join(failed)
@@ -95,7 +78,7 @@ def test_processes_refuse_a_workdir_or_dataset_they_do_not_share(tmp_path):
             "process 0")]
   for datas, wds, message in cases:
     procs = _launch(tmp_path, datas, wds, "bad")
-    logs = [_output(p, timeout=300) for p in procs]
+    logs = [fixtures.process_output(p, timeout=300) for p in procs]
     for p, log, w in zip(procs, logs, wds):
       assert p.returncode != 0 and message.format(wd=w) in log, log[-3000:]
     assert not os.path.exists(os.path.join(wd, "checkpoints")), os.listdir(wd)
@@ -121,7 +104,7 @@ def _run_command_on_two_processes(module, *args):
        f"localhost:{port}", "--num_processes", "2", "--process_id", str(i), *args],
       cwd=os.path.dirname(HERE), env=_command_env(), stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True, start_new_session=True) for i in range(2)]
-  return procs, [_output(p, timeout=600) for p in procs]
+  return procs, [fixtures.process_output(p, timeout=600) for p in procs]
 
 
 def test_the_pretraining_command_joins_processes_given_by_flags(tmp_path):

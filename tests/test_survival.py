@@ -463,8 +463,7 @@ def _wait_for(proc, predicate, lines, timeout=300):
 
 
 def _finish(proc, lines, timeout=300):
-  out, _ = proc.communicate(timeout=timeout)
-  lines.append(out)
+  lines.append(fixtures.process_output(proc, timeout))
   return "".join(lines)
 
 
