@@ -334,6 +334,11 @@ def _reason(e: BaseException) -> str:
 
 
 def _steps(manager) -> list[int]:
+  """The steps on disk, once the previous save is finished on every process. Orbax finalizes a
+  save in a thread, which on process 0 then deletes the steps beyond ``max_to_keep``; listing
+  the directory meanwhile raises FileNotFoundError (a step removed between orbax's glob and its
+  stat), on whichever process lists. ``manager.save`` waits for that save anyway."""
+  manager.wait_until_finished()
   manager.reload()
   return sorted(manager.all_steps())
 

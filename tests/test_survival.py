@@ -18,10 +18,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from ssl_us import checkpoint, parallel, train
+from ssl_us import checkpoint, input_pipeline, parallel, train
 from tests import fixtures, test_byol, test_train
 
 # Restoring a damaged checkpoint abandons orbax's other array reads: their coroutines raise
@@ -313,6 +314,32 @@ def test_a_flipped_bit_that_orbax_restores_wrong_is_found_by_the_checksums(finis
                      + wd + r"/checkpoints/6/state/ocdbt.process_0/d/\w+ has changed since it "
                      r"was saved \(its SHA-256 differs"):
     checkpoint.load_state(wd)
+
+
+def test_save_lists_the_steps_only_once_the_previous_save_and_its_deletions_are_done(
+    tmp_path, monkeypatch):
+  """Saves in a row, keeping one step: each save's finalize thread (orbax's) deletes the step
+  before it, and a listing of the directory meanwhile can raise FileNotFoundError (seen once:
+  one process of a two-process run raised at its last save, the other waited 5 minutes for
+  it). The finalize callback is slowed so that the save is surely still in progress when the
+  next one starts; no listing may happen while it is."""
+  finalize = checkpoint._ChecksumOnFinalize.__call__
+  monkeypatch.setattr(checkpoint._ChecksumOnFinalize, "__call__",
+                      lambda self: (time.sleep(0.5), finalize(self))[1])
+  manager = checkpoint.make_manager(str(tmp_path), ml_collections.ConfigDict(
+      dict(keep_checkpoints=1)))
+  reload, listed_during_a_save = manager.reload, []
+  def recording_reload():
+    listed_during_a_save.append(manager.is_saving_in_progress())
+    return reload()
+  manager.reload = recording_reload
+  state = {"w": jnp.arange(4.0)}
+  for step in (1, 2, 3):
+    checkpoint.save(manager, step, state, input_pipeline.InputPosition(step))
+  manager.wait_until_finished()
+  assert listed_during_a_save == [False, False, False]
+  assert os.listdir(tmp_path / "checkpoints") == ["3"]
+  checkpoint.verify_checksums(str(tmp_path / "checkpoints" / "3"))
 
 
 def test_every_step_holds_the_size_and_sha256_of_every_item_file(finished_run):
