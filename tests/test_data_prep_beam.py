@@ -191,15 +191,19 @@ def test_a_killed_direct_runner_leaves_nothing_complete_and_its_rerun_completes(
                           start_new_session=True, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   try:
+    # Killed once a worker has begun writing a video (a piece in the work dir), which leaves
+    # the rest of the build to do on any machine; a fixed delay did not (the whole build takes
+    # 3 s here after config.json, so a 3x faster host would finish within a 1 s delay).
+    pieces = pipeline.WorkDir(os.path.join(ddir, pipeline.WORK)).file("videos")
     deadline = time.time() + 120
-    while (not os.path.exists(os.path.join(ddir, pipeline.WORK, "config.json"))
+    while (not (os.path.isdir(pieces) and os.listdir(pieces))
            and proc.poll() is None and time.time() < deadline):
       time.sleep(0.01)
-    time.sleep(1.0)  # inside the pipeline: its workers are starting
   finally:
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its Beam worker processes
     proc.wait()
   assert not os.path.exists(os.path.join(ddir, "dataset_info.json")), "killed too late"
+  assert os.listdir(pieces), "killed before any video began"
   with pytest.raises(dataset_lib.IncompleteDatasetError):
     dataset_lib.require_complete(ddir)
   assert cli.main(argv + ["--num_workers", "0"]) == cli.EXIT_OK
