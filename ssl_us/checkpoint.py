@@ -441,6 +441,21 @@ def restore_latest(manager: ocp.CheckpointManager, state, position, log_fn=None)
   return state, None
 
 
+def _open_read_only(directory: str, item_handlers: dict, tries: int = 5):
+  """A read-only manager of ``directory``, which a running pretraining may be writing. Orbax
+  lists the steps as it opens (a glob, then each step's metadata); a step that the run deletes
+  in between (beyond keep_checkpoints) raises FileNotFoundError, and the listing is read
+  again."""
+  for attempt in range(tries):
+    try:
+      return ocp.CheckpointManager(directory, item_handlers=item_handlers,
+                                   options=ocp.CheckpointManagerOptions(read_only=True))
+    except FileNotFoundError:
+      if attempt == tries - 1 or not os.path.isdir(directory):
+        raise
+      time.sleep(0.1)
+
+
 def load_state(workdir: str, step: int | None = None):
   """(config, method, TrainState) of a pretraining run at ``step`` (default: latest), on the
   default device. A step that does not restore raises CheckpointError naming it and the file."""
@@ -453,10 +468,8 @@ def load_state(workdir: str, step: int | None = None):
   batch = dummy_batch(workdir)
   abstract = jax.eval_shape(lambda r: train.create_state(method, tx, r, batch),
                             jax.random.key(0))
-  manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={"state": ocp.StandardCheckpointHandler()})
+  manager = _open_read_only(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                            {"state": ocp.StandardCheckpointHandler()})
   steps = manager.all_steps()
   if not steps:
     raise FileNotFoundError(f"{workdir}: no checkpoints")
@@ -471,6 +484,10 @@ def load_state(workdir: str, step: int | None = None):
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))["state"]
   except Exception as e:  # pylint: disable=broad-except  (tensorstore, orbax, OS)
+    if not os.path.isdir(os.path.join(str(manager.directory), str(step))):
+      raise CheckpointError(
+          f"{workdir}: checkpoint step {step} was deleted while it was read (a run writing "
+          f"{workdir} keeps its newest keep_checkpoints steps); load again") from None
     reason = str(e) if isinstance(e, CheckpointError) else _reason(e)
     raise CheckpointError(f"{workdir}: checkpoint step {step} cannot be restored "
                           f"({reason}); other steps: "
@@ -526,17 +543,22 @@ def main(argv=None) -> int:
       if verify_checksums(step_dir):
         with open(os.path.join(step_dir, CHECKSUMS)) as f:
           files = json.load(f)["files"]
-        counts["as saved"] += 1
-        print(f"step {step}: {len(files)} files, {sum(v['bytes'] for v in files.values()):,} "
-              f"bytes, as saved")
+        outcome, line = "as saved", (f"{len(files)} files, "
+                                     f"{sum(v['bytes'] for v in files.values()):,} bytes, as saved")
       else:
-        counts["without checksums"] += 1
-        print(f"step {step}: no {CHECKSUMS} (written before ssl_us wrote checksums); unchecked")
-    except CheckpointError as e:
-      counts["damaged"] += 1
-      print(f"step {step}: {e}")
-  print(f"{directory}: " + ", ".join(f"{counts[k]} {k}" for k in
-                                     ("as saved", "without checksums", "damaged") if counts[k]))
+        outcome, line = "without checksums", (f"no {CHECKSUMS} (written before ssl_us wrote "
+                                              "checksums); unchecked")
+    except (CheckpointError, OSError) as e:
+      outcome, line = "damaged", str(e) if isinstance(e, CheckpointError) else _reason(e)
+    if not os.path.isdir(step_dir):   # a running pretraining deleted it (keep_checkpoints)
+      outcome, line = "deleted during the check", (
+          f"deleted during the check (a run writing {args.workdir} keeps its newest "
+          "keep_checkpoints steps)")
+    counts[outcome] += 1
+    print(f"step {step}: {line}")
+  print(f"{directory}: " + ", ".join(
+      f"{counts[k]} {k}" for k in ("as saved", "without checksums", "damaged",
+                                   "deleted during the check") if counts[k]))
   return 1 if counts["damaged"] else 0
 
 

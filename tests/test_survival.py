@@ -450,6 +450,53 @@ def test_the_command_line_check_names_each_step(finished_run, tmp_path, capsys):
   assert capsys.readouterr().out == f"{tmp_path}/empty/checkpoints: no checkpoints\n"
 
 
+def _deleted_when_checked(monkeypatch, step):
+  """verify_checksums as a running pretraining meets it: ``step`` deleted just before (beyond
+  keep_checkpoints)."""
+  verify = checkpoint.verify_checksums
+  def deleting(step_dir, *args):
+    if os.path.basename(step_dir) == str(step):
+      shutil.rmtree(step_dir)
+    return verify(step_dir, *args)
+  monkeypatch.setattr(checkpoint, "verify_checksums", deleting)
+
+
+def test_a_step_deleted_while_it_is_read_or_checked_is_named_so(finished_run, tmp_path,
+                                                                 monkeypatch, capsys):
+  _, wd0, _, _ = finished_run
+  wd = str(tmp_path / "wd")
+  shutil.copytree(wd0, wd)
+  _deleted_when_checked(monkeypatch, 3)
+  assert checkpoint.main([wd]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert out[0] == (f"step 3: deleted during the check (a run writing {wd} keeps its newest "
+                    "keep_checkpoints steps)"), out
+  assert re.fullmatch(r"step 6: \d+ files, [\d,]+ bytes, as saved", out[1]), out
+  assert out[2:] == [f"{wd}/checkpoints: 1 as saved, 1 deleted during the check"], out
+  shutil.copytree(os.path.join(wd0, "checkpoints", "3"), os.path.join(wd, "checkpoints", "3"))
+  with pytest.raises(checkpoint.CheckpointError, match=(
+      f"{wd}: checkpoint step 3 was deleted while it was read .*; load again")):
+    checkpoint.load_state(wd, step=3)
+
+
+def test_load_state_lists_again_when_orbax_meets_a_step_being_deleted(finished_run,
+                                                                       monkeypatch):
+  """Orbax lists a workdir's steps as it opens it (a glob, then each step's metadata): a step
+  that a running pretraining deletes in between raises FileNotFoundError there (seen with a
+  thread deleting steps while another opened read-only managers: 9 of 19 opens failed). The
+  first open fails so here; the state still loads."""
+  _, wd, _, final = finished_run
+  manager, opened = checkpoint.ocp.CheckpointManager, []
+  def racing(directory, *args, **kwargs):
+    opened.append(directory)
+    if len(opened) == 1:
+      raise FileNotFoundError(2, "No such file or directory", os.path.join(directory, "3"))
+    return manager(directory, *args, **kwargs)
+  monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", racing)
+  fixtures.assert_states_equal(checkpoint.load_state(wd)[2], final)
+  assert len(opened) == 2
+
+
 def test_reasons_from_several_processes_name_the_first_failing_one(monkeypatch):
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   others = {}
