@@ -1,11 +1,12 @@
 """One process of the two-process tests (tests/test_multihost.py); not a test by itself.
 
   python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR WORKDIR OUT_JSON \
-      [NUM_STEPS NUM_WORKERS PACE_S]
+      [NUM_STEPS NUM_WORKERS PACE_S CKPT_EVERY KEEP_CHECKPOINTS]
 
 Each process has 4 fake CPU devices; jax.distributed joins them into one 8-device mesh with gloo
-CPU collectives. Trains test_train's tiny config (NUM_STEPS, default 3; checkpoints every 3
-steps and at the end; NUM_WORKERS grain worker processes, default 0), resuming from WORKDIR,
+CPU collectives. Trains test_train's tiny config (NUM_STEPS, default 3; checkpoints every
+CKPT_EVERY steps, default 3, and at the end, keeping KEEP_CHECKPOINTS, default the config's 3;
+NUM_WORKERS grain worker processes, default 0), resuming from WORKDIR,
 prints every log line (then sleeps PACE_S, so a test can signal it at a chosen step) and when it
 reads shards to index them, and writes the history to OUT_JSON.
 """
@@ -15,7 +16,8 @@ import sys
 import time
 
 
-def main(pid, nproc, port, data_dir, workdir, out, num_steps="3", num_workers="0", pace="0"):
+def main(pid, nproc, port, data_dir, workdir, out, num_steps="3", num_workers="0", pace="0",
+         ckpt_every="3", keep_checkpoints=None):
   os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "
                              + os.environ.get("SSL_US_TEST_XLA_FLAGS", ""))
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,7 +40,9 @@ def main(pid, nproc, port, data_dir, workdir, out, num_steps="3", num_workers="0
     print(msg, flush=True)
     time.sleep(float(pace))
 
-  config = test_train.tiny_config(data_dir, num_steps=int(num_steps), ckpt_every=3)
+  config = test_train.tiny_config(data_dir, num_steps=int(num_steps), ckpt_every=int(ckpt_every))
+  if keep_checkpoints is not None:
+    config.keep_checkpoints = int(keep_checkpoints)
   config.data.num_workers = int(num_workers)
   history = train.train_and_evaluate(config, workdir, mesh=parallel.make_mesh(), log_fn=log)
   with open(out, "w") as f:
