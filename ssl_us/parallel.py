@@ -14,10 +14,14 @@ process alike, instead of a run that hangs in a collective or trains on wrong ba
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import multiprocessing
 import os
 import re
 import secrets
+import sys
+import traceback
 
 import jax
 import numpy as np
@@ -109,6 +113,36 @@ def join_processes(multihost: bool, coordinator_address: str | None = None,
   given = process_flags(multihost, coordinator_address, num_processes, process_id)
   if multihost:
     jax.distributed.initialize(**given)
+
+
+@contextlib.contextmanager
+def fail_fast():
+  """With several processes, an exception that leaves this block ends the process at once: its
+  traceback printed, its worker processes (grain's) stopped, exit status 1. Raised on, it would
+  reach jax.distributed's shutdown, whose barrier waits for the other processes while they
+  wait in a collective for this one: all then stop only when the barrier times out (5 minutes)
+  and aborts them. Ended at once, it fails the others' next collective (gloo: connection
+  reset; on GPU and TPU once the coordination service misses its heartbeats, 100 s), and they
+  end the same way. Nothing changes with one process."""
+  try:
+    yield
+  except BaseException:  # pylint: disable=broad-except  (any error, Ctrl-C included)
+    if jax.process_count() == 1:
+      raise
+    traceback.print_exc()
+    print(f"process {jax.process_index()} of {jax.process_count()} ends here (exit status 1), "
+          "not in jax.distributed's shutdown, so that the other processes stop too",
+          file=sys.stderr)
+    children = multiprocessing.active_children()
+    for child in children:
+      child.terminate()
+    for child in children:
+      child.join(timeout=10)
+      if child.is_alive():
+        child.kill()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
 
 
 def _multihost_utils():

@@ -337,19 +337,26 @@ def run_on_8_cpu_devices(script: str, *args: str, timeout: int = 300) -> str:
   return out.stdout
 
 
-def process_output(proc, timeout: float = 900) -> str:
+def process_output(proc, timeout: float = 900, children_end_with_it: bool = False) -> str:
   """The whole stdout of ``proc`` (a Popen with stdout=PIPE, text=True, start_new_session=True)
   once it has exited. Its process group is killed then: worker processes that a crashed process
-  leaves behind (grain's) hold its stdout open, so reading to the end would wait for them."""
+  leaves behind (grain's) hold its stdout open, so reading to the end would wait for them.
+  ``children_end_with_it``: an AssertionError if such a process still holds it 30 s after."""
   import signal  # pylint: disable=g-import-not-at-top
   import threading  # pylint: disable=g-import-not-at-top
   out = []
   reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
   reader.start()
   proc.wait(timeout=timeout)
+  if children_end_with_it:
+    reader.join(timeout=30)
+  outlived = reader.is_alive()
   try:
     os.killpg(proc.pid, signal.SIGKILL)
   except ProcessLookupError:
     pass
   reader.join(timeout=60)
-  return out[0] if out else ""
+  log = out[0] if out else ""
+  assert not (children_end_with_it and outlived), (
+      f"a process that {proc.args} started outlived it, holding its output:\n{log[-3000:]}")
+  return log

@@ -1,14 +1,16 @@
 """One process of the two-process tests (tests/test_multihost.py); not a test by itself.
 
   python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR WORKDIR OUT_JSON \
-      [NUM_STEPS NUM_WORKERS PACE_S CKPT_EVERY KEEP_CHECKPOINTS]
+      [NUM_STEPS NUM_WORKERS PACE_S CKPT_EVERY KEEP_CHECKPOINTS FAIL_AT_STEP]
 
 Each process has 4 fake CPU devices; jax.distributed joins them into one 8-device mesh with gloo
 CPU collectives. Trains test_train's tiny config (NUM_STEPS, default 3; checkpoints every
 CKPT_EVERY steps, default 3, and at the end, keeping KEEP_CHECKPOINTS, default the config's 3;
 NUM_WORKERS grain worker processes, default 0), resuming from WORKDIR,
 prints every log line (then sleeps PACE_S, so a test can signal it at a chosen step) and when it
-reads shards to index them, and writes the history to OUT_JSON.
+reads shards to index them, and writes the history to OUT_JSON. Process 1 raises a
+RuntimeError after logging step FAIL_AT_STEP (default: none). The run is in
+parallel.fail_fast(), as in python -m ssl_us.main.
 """
 import json
 import os
@@ -17,7 +19,7 @@ import time
 
 
 def main(pid, nproc, port, data_dir, workdir, out, num_steps="3", num_workers="0", pace="0",
-         ckpt_every="3", keep_checkpoints=None):
+         ckpt_every="3", keep_checkpoints="", fail_at_step=""):
   os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "
                              + os.environ.get("SSL_US_TEST_XLA_FLAGS", ""))
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,13 +40,16 @@ def main(pid, nproc, port, data_dir, workdir, out, num_steps="3", num_workers="0
 
   def log(msg):
     print(msg, flush=True)
+    if pid == "1" and fail_at_step and msg.startswith(f"step {fail_at_step}/"):
+      raise RuntimeError(f"process 1 fails after step {fail_at_step}")
     time.sleep(float(pace))
 
   config = test_train.tiny_config(data_dir, num_steps=int(num_steps), ckpt_every=int(ckpt_every))
-  if keep_checkpoints is not None:
+  if keep_checkpoints:
     config.keep_checkpoints = int(keep_checkpoints)
   config.data.num_workers = int(num_workers)
-  history = train.train_and_evaluate(config, workdir, mesh=parallel.make_mesh(), log_fn=log)
+  with parallel.fail_fast():
+    history = train.train_and_evaluate(config, workdir, mesh=parallel.make_mesh(), log_fn=log)
   with open(out, "w") as f:
     json.dump(dict(history, devices=jax.device_count(), local=jax.local_device_count()), f)
   jax.distributed.shutdown()

@@ -24,7 +24,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(tmp_path, data, wd, tag, steps=3, workers=0, pace=0.0):
+def _launch(tmp_path, data, wd, tag, steps=3, workers=0, pace=0.0, fail_at_step=""):
   """The two processes; ``data`` and ``wd`` one path for both, or a pair (one each)."""
   data, wd = ((x, x) if isinstance(x, str) else x for x in (data, wd))
   port = _free_port()
@@ -34,7 +34,8 @@ def _launch(tmp_path, data, wd, tag, steps=3, workers=0, pace=0.0):
          if k != "XLA_FLAGS" and not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
   return [subprocess.Popen(
       [sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), "2", str(port),
-       data[i], wd[i], str(tmp_path / f"{tag}{i}.json"), str(steps), str(workers), str(pace)],
+       data[i], wd[i], str(tmp_path / f"{tag}{i}.json"), str(steps), str(workers), str(pace),
+       "3", "", str(fail_at_step)],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
       start_new_session=True) for i in range(2)]
 
@@ -154,6 +155,29 @@ def test_a_sweep_runs_every_point_on_both_processes(tmp_path):
   assert 0.0 <= float(rows["data.split=train"]["knn_acc"]) <= 1.0
   step_dir = os.path.join(wd, "data.split=train", "checkpoints", "2", "data")
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step_dir))
+
+
+def test_an_error_on_one_process_ends_both_at_once(tmp_path):
+  """Process 1 raises after step 2 (each process with a grain worker). Raised on, the error
+  reached jax.distributed's shutdown, whose barrier waited for process 0 while process 0
+  waited in a collective for process 1: both were aborted (-6) after 5 minutes. In
+  parallel.fail_fast, process 1 ends at once and process 0's next collective fails."""
+  data = fixtures.write_dataset(str(tmp_path / "data"), num_videos=8, frames=4)
+  procs = _launch(tmp_path, data, str(tmp_path / "wd"), "fail", steps=10, workers=1,
+                  fail_at_step=2)
+  # The barrier's timeout is 300 s; grain's workers must end with their process.
+  logs = [fixtures.process_output(p, timeout=200, children_end_with_it=True) for p in procs]
+  assert [p.returncode for p in procs] == [1, 1], logs
+  assert "RuntimeError: process 1 fails after step 2" in logs[1], logs[1][-3000:]
+  assert "process 1 of 2 ends here (exit status 1)" in logs[1]
+  assert "process 0 of 2 ends here (exit status 1)" in logs[0], logs[0][-3000:]
+  assert "step 4/10" not in logs[0] + logs[1]
+
+
+def test_with_one_process_fail_fast_raises_as_usual():
+  with pytest.raises(RuntimeError, match="one process"):
+    with parallel.fail_fast():
+      raise RuntimeError("one process")
 
 
 def _wait_for_line(proc, prefix, lines):
