@@ -1,8 +1,8 @@
 """data_prep.region: scan-area detection on synthetic fans/rectangles with hand-computed boxes and
 on real COVID-BLUES and DICOM frames; apply_region's crop, mask, resize and padding."""
+import json
 import math
 import os
-import time
 
 import av
 import numpy as np
@@ -279,18 +279,13 @@ def test_real_dicom_stills():
 
 
 @needs_data
-def test_speed_of_find_and_apply():
-  """CPU time (not wall time: the test machine is shared), best of 3."""
-  frames = _sample(os.path.join(DATA, "covid_blues", "covid/patient_12_L1.mp4"))
-  best = min(_cpu_time(lambda: region.find_region(frames)) for _ in range(3))
-  assert best < 0.15, f"find_region on 32 frames took {best:.3f} s"
-  reg = region.find_region(frames)
-  best = min(_cpu_time(lambda: [region.apply_region(f, reg, (128, 128)) for f in frames])
-             for _ in range(3))
-  assert best / len(frames) < 0.004, f"apply_region took {best / len(frames) * 1e3:.2f} ms/frame"
-
-
-def _cpu_time(fn):
-  start = time.process_time()
-  fn()
-  return time.process_time() - start
+def test_the_region_benchmark_times_a_real_clip(capsys):
+  """The speed budget itself is benchmarks/bench_region.py's (RESULTS.md), not a test's: CPU
+  time differs between machines."""
+  from benchmarks import bench_region  # pylint: disable=g-import-not-at-top
+  status = bench_region.main(["--repeats", "1", "--frames", "8"])
+  out = json.loads(capsys.readouterr().out)
+  assert out["frames"] == [8, 350, 350] and out["region"] == "sector", out
+  over = [k for k, budget in out["budget_ms"].items() if out[k] > budget]
+  assert all(out[k] > 0 for k in out["budget_ms"]) and out["over_budget"] == over
+  assert status == (1 if over else 0)
