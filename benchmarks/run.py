@@ -16,10 +16,10 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 
+from benchmarks.bench_data_prep import cpu_model
 from data_prep import files as files_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,14 +41,6 @@ BENCHMARKS = {
                                            "--rounds 2 --conv_impl xla"),
 }
 DEFAULT = [n for n in BENCHMARKS if not n.endswith("_xla")]
-
-
-def cpu_model() -> str:
-  with open("/proc/cpuinfo", encoding="utf-8") as f:
-    for line in f:
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  return platform.processor()
 
 
 def run_one(name: str) -> dict:
