@@ -12,8 +12,8 @@ two GPU hosts:
       --process_id 0 ...        (on host0; the same with --process_id 1 on the other)
 
 The workdir must then be one folder all hosts mount (checked before the first step, with the
-config and the records, see parallel.py). An error on one process ends them all at once
-(parallel.fail_fast).
+config and the records, see parallel.py). An error on one process ends them all, without
+the 5-minute wait of jax.distributed's shutdown barrier (parallel.fail_fast).
 """
 from absl import app, flags
 from ml_collections import config_flags
@@ -43,7 +43,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   from ssl_us import train  # pylint: disable=g-import-not-at-top  (after joining)
-  with parallel.fail_fast():   # one process's error stops them all at once
+  with parallel.fail_fast():   # one process's error ends them all
     history = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:
     print(train.summary_json(history))
