@@ -25,9 +25,12 @@ and the sweep goes on; SIGTERM/SIGINT stops the current point with a checkpoint 
 ``train.StopSignal``) and the sweep with it. For a cluster, ``--emit commands`` prints one
 self-contained command per point (the same command with ``--only NAME``; given
 ``--multihost`` and its flags but ``--process_id``, each command carries them for its job's
-processes to join), and ``--aggregate`` builds the report from whatever point workdirs exist. With ``--multihost`` (as
-``ssl_us.main``'s) every point runs on all processes' devices: each process evaluates it alike,
-process 0 writes the records and the report, and the processes agree on each point's status.
+processes to join), and ``--aggregate`` builds the report from whatever point workdirs exist.
+With ``--multihost`` (as ``ssl_us.main``'s) every point runs on all processes' devices: each
+process evaluates it alike, process 0 writes the records and the report, and the processes
+agree on each point's status. An error that only one process meets inside a point (a host's
+disk, memory) can leave the others waiting in the point's collectives; the jobs of
+``--emit commands`` run ``ssl_us.main``, whose ``parallel.fail_fast`` ends them all.
 
 Evaluation of every point, after its pretraining, on ``--eval_split`` of the config's dataset
 (records with a label, at most ``--eval_max``, the first frame or clip of each): kNN accuracy
